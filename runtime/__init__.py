@@ -1,0 +1,1 @@
+"""Torch-free runtime: restore images from an engine directory; see README "Runtime"."""

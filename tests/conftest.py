@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny models and the path to ../shared/data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(sub: str = "") -> Path:
+    """`../shared/data/<sub>`, or skip the test with the reason when it is absent."""
+    path = SHARED_DATA / sub
+    if not path.exists():
+        pytest.skip(f"{path} is absent (test images live in ../shared/data beside the repo)")
+    return path
+
+
+@pytest.fixture
+def tiny_model():
+    """A tiny SODiff with seeded random weights and a LoRA that changes the output."""
+    import torch
+    from sodiff.config import TINY
+    from sodiff.model import SODiff
+
+    torch.manual_seed(0)
+    model = SODiff(TINY).eval()
+    randomize_lora(model)
+    return model
+
+
+def randomize_lora(model) -> None:
+    """LoRA B starts at zero (a no-op); give it weights so merge/save tests can see it."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
