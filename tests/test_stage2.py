@@ -1,0 +1,255 @@
+"""Stage 2 (one-step diffusion) training: over-fitting, what trains and what stays frozen, the
+generator's GAN gradient, options, the CLI and a 2-process accelerate launch on CPU."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from sodiff import checkpoint
+from sodiff.base import decode
+from sodiff.config import TINY, TINY_UNET
+from sodiff.model import SODiff
+from training import common, stage2
+from training.dists import DISTS
+from training.losses import Stage2Weights
+from training.stage2 import Stage2Config
+
+REPO = Path(__file__).resolve().parents[1]
+CROP = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core box: one thread is faster than two fighting threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory):
+    """A stage-1 style checkpoint of the tiny preset (seeded random weights).
+
+    A fresh SAIPE's pooling queries start at 0.02 scale, so its 77 prompt tokens are nearly
+    identical; cross-attention then cannot tell them apart and its query projections get ~no
+    gradient. Spread queries stand in for a trained SAIPE's distinct tokens."""
+    torch.manual_seed(0)
+    model = SODiff(TINY)
+    with torch.no_grad():
+        model.saipe.t_align.pool.queries.normal_(0, 1, generator=torch.Generator().manual_seed(2))
+    return checkpoint.save(model, tmp_path_factory.mktemp("init") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def images(init, tmp_path_factory):
+    """Two 16 px images the frozen random tiny VAE can represent (its decoder's outputs), so a
+    perfect fit exists: natural images lie far outside a random decoder's range."""
+    vae = checkpoint.load(init).vae
+    with torch.no_grad():
+        x = decode(vae, 2 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)),
+                   1.0).clamp(-1, 1)
+    folder = tmp_path_factory.mktemp("images")
+    for i, img in enumerate(x):
+        arr = ((img.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    return folder
+
+
+def config(tmp_path, init, images, **kw):
+    base = dict(out=str(tmp_path / "run"), init=str(init), data=str(images), crop=CROP,
+                batch_size=2, qf_min=45, qf_max=45, max_steps=2, cpu=True, num_workers=0,
+                save_every=100, log_every=1, perceptual="none", lr=3e-3, disc_lr=3e-3)
+    return Stage2Config(**{**base, **kw})
+
+
+@pytest.fixture
+def logged(monkeypatch):
+    rows = []
+    original = common.Run.log
+
+    def log(self, step, scalars):
+        rows.append(dict(scalars))
+        return original(self, step, scalars)
+
+    monkeypatch.setattr(common.Run, "log", log)
+    return rows
+
+
+def test_overfits_a_fixed_batch_with_every_term(tmp_path, init, images, logged):
+    # Two images at one QF with batch 2: every step sees the same batch. Random DISTS weights.
+    torch.manual_seed(0)
+    final = stage2.train(config(tmp_path, init, images, max_steps=40, perceptual="random"),
+                         perceptual=DISTS())
+    assert len(logged) == 40
+    for row in logged:
+        for k in ("mse", "ea", "gan", "qf", "total", "d_loss"):
+            assert np.isfinite(row[k]) and row[k] > 0, (k, row)
+    last = np.mean([r["total"] for r in logged[-5:]])  # the Gumbel timestep makes it noisy
+    assert last <= 0.5 * logged[0]["total"], (logged[0], last)
+    model = checkpoint.load(final)
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    lq = torch.rand(1, 3, 20, 28) * 2 - 1
+    assert model.restore(lq).shape == lq.shape
+
+
+def test_frozen_parts_stay_bit_identical_trained_parts_move(tmp_path, init, images, logged,
+                                                            capsys):
+    # No weight decay: a tensor that moves had a gradient. Two steps: LoRA A only gets one once
+    # B is non-zero.
+    cfg = config(tmp_path, init, images, weight_decay=0.0, val_data=str(images), val_every=2,
+                 val_crop=CROP, val_images=1)
+    final = stage2.train(cfg)
+    before = checkpoint.load(init).state_dict()
+    after = checkpoint.load(final).state_dict()
+    trained = load_file(str(Path(cfg.out) / "train_state" / "step-2" / "weights.safetensors"))
+    frozen = [k for k in before if k.startswith(("saipe.", "vae."))
+              or (k.startswith("unet.") and "lora_" not in k)]
+    moving = [k for k in before if "lora_" in k or k.startswith("predictor.")]
+    assert frozen and moving and set(frozen) | set(moving) == set(before)
+    for k in frozen:
+        assert torch.equal(before[k], after[k]), k
+    for k in moving:
+        assert not torch.equal(before[k], after[k]), k
+        assert torch.equal(after[k], trained[f"model.{k}"]), k
+    disc = {k: v for k, v in trained.items() if k.startswith("disc.")}
+    unet_base = {k.replace(".base_layer", ""): v for k, v in before.items()
+                 if k.startswith("unet.") and "lora_" not in k}
+    assert disc and not any("lora_" in k for k in disc)
+    for k, v in disc.items():
+        ref = unet_base.get("unet." + k[len("disc."):])
+        if ref is not None:  # the trunk started as the base UNet, and every tensor trained
+            assert not torch.equal(v, ref), k
+    assert all(r["ea"] == 0 and r["mse"] > 0 for r in logged)  # --perceptual none
+    out = capsys.readouterr()
+    assert "L_EA OFF" in out.out and "validation PSNR" in out.out
+
+
+def gan_gradients(init, checkpointing):
+    cfg = config(Path("unused"), init, "unused", gradient_checkpointing=checkpointing)
+    torch.manual_seed(0)
+    model = stage2.prepare_model(cfg)
+    disc = stage2.build_discriminator(cfg, model)
+    g = torch.Generator().manual_seed(0)
+    batch = {"lq": torch.rand(2, 3, CROP, CROP, generator=g) * 2 - 1,
+             "hq": torch.rand(2, 3, CROP, CROP, generator=g) * 2 - 1,
+             "qf": torch.tensor([20.0, 30.0])}
+    _, loss, terms = stage2.generator_objective(model, disc, None, batch,
+                                                Stage2Weights(0, 0, 1, 0), g)
+    loss.backward()
+    assert terms["gan"] > 0
+    assert all(p.grad is None for p in disc.parameters())
+    assert all(p.requires_grad for p in disc.parameters())  # restored after the G phase
+    assert all(p.grad is None for p in model.saipe.parameters())
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gan_gradient_reaches_the_generator_but_not_the_discriminator(init):
+    grads = gan_gradients(init, checkpointing=False)
+    lora_b = [g for n, g in grads.items() if "lora_B" in n]
+    assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b)
+    # Gradient checkpointing recomputes activations: same gradients, still none for D.
+    assert_close = {n: torch.equal(g, grads[n]) if g is not None else grads[n] is None
+                    for n, g in gan_gradients(init, checkpointing=True).items()}
+    assert all(assert_close.values()), [n for n, ok in assert_close.items() if not ok][:3]
+
+
+def test_other_discriminator_unet_and_crop_check(tmp_path, init):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(1)
+    UNet2DConditionModel(**TINY_UNET).save_pretrained(tmp_path / "disc")
+    cfg = config(tmp_path, init, "unused", disc_unet=str(tmp_path / "disc"))
+    model = stage2.prepare_model(cfg)
+    disc = stage2.build_discriminator(cfg, model)
+    saved = load_file(str(tmp_path / "disc" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(disc.conv_in.weight, saved["conv_in.weight"])
+    with pytest.raises(FileNotFoundError, match="no diffusers UNet"):
+        stage2.build_discriminator(config(tmp_path, init, "x", disc_unet=str(tmp_path)), model)
+    with pytest.raises(ValueError, match="crop=18 must be a multiple of 4"):
+        stage2.prepare_model(config(tmp_path, init, "x", crop=18))
+
+
+def test_perceptual_weights_are_required_or_explicitly_off(tmp_path, init, images):
+    with pytest.raises(ValueError, match="perceptual is required"):
+        stage2.validate_train_config(config(tmp_path, init, images, perceptual=None))
+    res = CliRunner().invoke(stage2.main, [
+        "--init", str(init), "--data", str(images), "--out", str(tmp_path / "r"), "--cpu",
+        "--crop", str(CROP), "--perceptual", str(tmp_path / "missing.safetensors")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "missing.safetensors not found" in res.output and "--perceptual none" in res.output
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(data=None), "data is required"),
+    (dict(w_gan=-1.0), "w_gan=-1.0"),
+    (dict(disc_trainable="some"), "disc_trainable='some'"),
+    (dict(batch_size=0, keep_last=0), "batch_size=0 must be >= 1; keep_last=0"),
+    (dict(mixed_precision="fp8"), "mixed_precision='fp8'"),
+])
+def test_invalid_options_are_named(tmp_path, init, images, kw, message):
+    with pytest.raises(ValueError, match=message):
+        stage2.validate_train_config(config(tmp_path, init, images, **kw))
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path, init, images):
+    """The documented `accelerate launch -m training.stage2`, as 2 CPU processes (gloo DDP):
+    each saves checks that the processes hold bit-identical weights, which fails if the
+    generator's or the discriminator's gradients are not synchronised."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "training.stage2", "--init", str(init), "--data", str(images), "--out",
+           str(tmp_path / "ddp"), "--perceptual", "none", "--crop", str(CROP), "--batch-size",
+           "1", "--grad-accum", "2", "--max-steps", "2", "--save-every", "1", "--cpu",
+           "--gradient-checkpointing",
+           "--num-workers", "0", "--lr", "1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" in res.stdout and "4 images per optimizer step" in res.stdout
+    assert checkpoint.load(tmp_path / "ddp" / "final").cfg == TINY
+    assert sorted(p.name for p in (tmp_path / "ddp" / "train_state").iterdir()) == \
+        ["step-1", "step-2"]
+
+
+def test_module_help_runs():
+    res = subprocess.run([sys.executable, "-m", "training.stage2", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0
+    for flag in ("--init", "--perceptual", "--disc-unet", "--w-gan", "--resume"):
+        assert flag in res.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_mixed_precision_train_and_resume(tmp_path, init, images, precision):
+    """The CUDA path (device generators, autocast, fp16 loss scaler, pinned batches) with a
+    DISTS weights file, then --resume: in subprocesses, so the accelerator state is fresh."""
+    from training.dists import write_weights
+
+    torch.manual_seed(0)
+    dists = write_weights(dict(DISTS().state_dict()), tmp_path / "dists.safetensors")
+    args = [sys.executable, "-m", "training.stage2", "--init", str(init), "--data", str(images),
+            "--out", str(tmp_path / "run"), "--perceptual", str(dists), "--crop", str(CROP),
+            "--batch-size", "2", "--save-every", "2", "--val-data", str(images),
+            "--val-every", "2", "--num-workers", "2", "--mixed-precision", precision]
+    for extra in (["--max-steps", "2"], ["--max-steps", "4", "--resume"]):
+        res = subprocess.run(args + extra, cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "on cuda" in res.stdout and "validation PSNR" in res.stdout
+    state = tmp_path / "run" / "train_state" / "step-4"
+    assert (state / "scaler.pt").is_file() == (precision == "fp16")
+    weights = load_file(str(state / "weights.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert checkpoint.load(tmp_path / "run" / "final").cfg == TINY

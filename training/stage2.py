@@ -1,0 +1,261 @@
+"""Stage 2: one-step diffusion (paper Sec. 3.2-3.3, Eq. 12), starting from a stage-1 checkpoint.
+
+SAIPE and the VAE are frozen; the UNet's LoRA (or the whole UNet when the config has no LoRA)
+and the timestep predictor train with AdamW on MSE + L_EA + 1e-2 L_G + 1e-3 L_qf, and a
+diffusion-UNet discriminator trains with its own AdamW on Eq. 9; both update every step.
+
+    python -m training.stage2 --init runs/s1/final --base SD21_DIR --data IMAGES \
+        --perceptual dists.safetensors --out runs/s2
+    accelerate launch -m training.stage2 ...            (multi-GPU / multi-node)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import click
+import torch
+from torch import nn
+
+from sodiff import checkpoint
+from sodiff.base import encode_mean
+from sodiff.config import parse_timestep_mode
+from sodiff.model import SODiff
+
+from . import common
+from .common import FINAL_DIR, Run, TrainConfig, opt
+from .data import JPEGPairs, folder_sources, validation_images
+from .discriminator import TRAINABLE, UNetDiscriminator
+from .losses import Stage2Weights, stage2_discriminator_loss, stage2_generator_loss
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage2Config(TrainConfig):
+    init: str = opt(help="stage-1 checkpoint folder (OUT/final of training.stage1)")
+    base: str | None = opt(None, help="local SD2.1-base folder (needed when --init was trained "
+                           "on one)")
+    perceptual: str | None = opt(None, help="DISTS weights file (python -m training.dists "
+                                 "convert), or 'none' to train without L_EA")
+    disc_unet: str | None = opt(None, help="diffusers UNet folder for the discriminator "
+                                "(default: a copy of the base UNet, without LoRA)")
+    disc_trainable: str = opt("all", help="discriminator parts that learn: all, or head only",
+                              choices=TRAINABLE)
+    disc_lr: float = opt(1e-5, help="discriminator AdamW learning rate (same schedule as --lr)")
+    gradient_checkpointing: bool = opt(False, help="recompute the UNet's activations in the "
+                                       "backward pass: less memory, slower")
+    weight_decay: float = opt(1e-2, help="AdamW weight decay of both optimizers (torch's "
+                              "default; the paper does not give one)")
+    w_mse: float = opt(1.0, help="weight of MSE(restored, hq) (Eq. 7)")
+    w_ea: float = opt(1.0, help="weight of L_EA = DISTS(sobel) + DISTS (Eq. 7)")
+    w_gan: float = opt(1e-2, help="alpha of Eq. 12: weight of the generator's GAN loss")
+    w_qf: float = opt(1e-3, help="beta of Eq. 12: weight of L1(QF_pred, QF_gt)")
+    batch_size: int = opt(2, help="images per process per micro-batch (paper: 2 per GPU)")
+    lr: float = opt(1e-5, help="AdamW learning rate of LoRA and predictor (paper: 1e-5)")
+    max_steps: int = opt(150_000, help="optimizer steps (paper: 150k)")
+
+    @property
+    def weights(self) -> Stage2Weights:
+        return Stage2Weights(self.w_mse, self.w_ea, self.w_gan, self.w_qf)
+
+
+def validate_train_config(cfg: Stage2Config) -> None:
+    """ValueError naming every bad or inconsistent option."""
+    p = common.validate_common(cfg)
+    if cfg.data is None:
+        p.append("data is required (a folder of high-quality images)")
+    if cfg.perceptual is None:
+        p.append("perceptual is required: a DISTS weights file (make it with `python -m "
+                 "training.dists convert`) or 'none' to train without the edge-aware DISTS loss")
+    if cfg.disc_trainable not in TRAINABLE:
+        p.append(f"disc_trainable={cfg.disc_trainable!r} must be one of {TRAINABLE}")
+    if not cfg.disc_lr > 0:
+        p.append(f"disc_lr={cfg.disc_lr} must be > 0")
+    if not cfg.weight_decay >= 0:
+        p.append(f"weight_decay={cfg.weight_decay} must be >= 0")
+    p += [f"w_{k}={v} must be >= 0" for k, v in vars(cfg.weights).items() if not v >= 0]
+    common.raise_problems(p)
+
+
+def load_perceptual(spec: str) -> nn.Module | None:
+    if spec == "none":
+        return None
+    from .dists import DISTS
+    return DISTS.from_file(spec)
+
+
+def strip_lora(unet: nn.Module) -> nn.Module:
+    """The UNet without its (unmerged) LoRA layers: each wrapper replaced by its base layer."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in [(n, m) for n, m in unet.named_modules() if isinstance(m, LoraLayer)]:
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name) if parent_name else unet, child,
+                module.get_base_layer())
+    if hasattr(unet, "peft_config"):
+        del unet.peft_config
+    unet._hf_peft_config_loaded = False
+    return unet
+
+
+def load_disc_unet(folder: str) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    path = Path(folder).expanduser()
+    sub = "unet" if (path / "unet" / "config.json").is_file() else None
+    if sub is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--disc-unet {path}: no diffusers UNet there (expected "
+                                f"config.json, or unet/config.json)")
+    return UNet2DConditionModel.from_pretrained(path, subfolder=sub, local_files_only=True)
+
+
+def build_discriminator(cfg: Stage2Config, model: SODiff) -> UNetDiscriminator:
+    unet = (load_disc_unet(cfg.disc_unet) if cfg.disc_unet
+            else strip_lora(copy.deepcopy(model.unet)))
+    unet.requires_grad_(True)
+    # Never checkpointed: recomputing its blocks in the backward pass would see the parameter
+    # flags of the D phase, not the G phase's (see no_param_grads), and refuse.
+    unet.disable_gradient_checkpointing()
+    return UNetDiscriminator(unet, cfg.disc_trainable, model.alphas_cumprod.cpu())
+
+
+def prepare_model(cfg: Stage2Config) -> SODiff:
+    """The stage-1 model with stage 2's trainable parts switched on, everything else frozen."""
+    model = checkpoint.load(cfg.init, cfg.base)
+    m = model.cfg.pad_multiple
+    if cfg.crop % m:
+        raise ValueError(f"crop={cfg.crop} must be a multiple of {m} (the model's pad_multiple)")
+    model.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    if model.cfg.lora is None:
+        model.unet.requires_grad_(True)
+    else:
+        for name, p in model.unet.named_parameters():
+            p.requires_grad_("lora_" in name)
+    # A fixed timestep never runs the predictor: training it would only waste optimizer state.
+    model.predictor.requires_grad_(parse_timestep_mode(model.cfg.timestep_mode) is None)
+    return model
+
+
+def set_train_mode(model: SODiff) -> None:
+    model.train()
+    model.saipe.eval()
+    model.vae.eval()
+
+
+@contextlib.contextmanager
+def no_param_grads(module: nn.Module) -> Iterator[None]:
+    """Gradients still flow through `module` to its inputs, but its parameters get none: L_G
+    must train the generator only, without touching the discriminator's accumulated grads."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class DiscriminatorStep(nn.Module):
+    """Eq. 9 as a module's forward, so that DDP (multi-GPU) syncs the discriminator's grads."""
+
+    def __init__(self, disc: UNetDiscriminator):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, z_fake, z_real, prompt, generator=None):
+        return stage2_discriminator_loss(self.disc, z_fake, z_real, prompt, generator)
+
+
+def generator_objective(gen: nn.Module, disc: UNetDiscriminator, dists: nn.Module | None,
+                        batch: dict[str, torch.Tensor], weights: Stage2Weights,
+                        generator: torch.Generator, autocast=None):
+    """`(out, loss, terms)` of Eq. 12 for one batch; Gumbel noise on the timestep. The
+    discriminator passes L_G's gradient to the generator but keeps none for itself."""
+    out = gen(batch["lq"], gumbel=True, generator=generator)
+    with autocast or contextlib.nullcontext(), no_param_grads(disc):
+        loss, terms = stage2_generator_loss(out, batch["hq"], batch["qf"], dists, disc, weights,
+                                            generator)
+    return out, loss, terms
+
+
+def train(cfg: Stage2Config, perceptual: nn.Module | None = None) -> Path:
+    """Train stage 2 as `cfg` says; returns the final SODiff checkpoint folder.
+    `perceptual` replaces the DISTS that `cfg.perceptual` names (tests use a random one)."""
+    validate_train_config(cfg)
+    cfg = common.with_crops(cfg, checkpoint.read_meta(cfg.init)["config"]["name"])
+    run = Run(cfg, "stage2")
+    dists = perceptual if perceptual is not None else load_perceptual(cfg.perceptual)
+    model = prepare_model(cfg)
+    disc = build_discriminator(cfg, model)
+    dataset = JPEGPairs(folder_sources(cfg.data, cfg.crop), cfg.crop, (cfg.qf_min, cfg.qf_max),
+                        cfg.seed)
+    opt_g = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                              weight_decay=cfg.weight_decay)
+    opt_d = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr,
+                              weight_decay=cfg.weight_decay)
+    set_train_mode(model)
+    disc.train()
+    gen, d_step, opt_g, opt_d = run.acc.prepare(model, DiscriminatorStep(disc), opt_g, opt_d)
+    if dists is not None:
+        dists = dists.to(run.device).eval()
+    run.track({"model": model, "disc": disc}, {"generator": opt_g, "discriminator": opt_d})
+    val = validation_images(cfg.val_data, cfg.val_crop, cfg.val_qf, cfg.val_images) \
+        if cfg.val_data else None
+    batches = run.batches(dataset)
+    run.begin()
+    run.info(f"{len(dataset)} training images; {len(opt_g.param_groups[0]['params'])} trained "
+             f"generator tensors; L_EA {'OFF (--perceptual none)' if dists is None else 'on'}")
+    s = model.cfg.scaling_factor
+    for step in range(run.start_step, cfg.max_steps):
+        common.set_lr(opt_g, common.lr_at(step, cfg))
+        common.set_lr(opt_d, common.lr_at(step, cfg) * cfg.disc_lr / cfg.lr)
+        sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            g = common.step_generator(cfg.seed, step, micro, run.acc.process_index, run.device)
+            with run.acc.accumulate(gen, d_step):
+                out, loss_g, terms = generator_objective(gen, disc, dists, batch, cfg.weights, g,
+                                                         run.acc.autocast())
+                run.check_finite(terms, step + 1)
+                run.acc.backward(loss_g)
+                with torch.no_grad(), run.acc.autocast():
+                    z_real = encode_mean(model.vae, batch["hq"], s)
+                loss_d, d_terms = d_step(out.z_hq.detach(), z_real, out.prompt.detach(), g)
+                run.check_finite(d_terms, step + 1)
+                run.acc.backward(loss_d)
+                if run.acc.sync_gradients and cfg.grad_clip:
+                    run.acc.clip_grad_norm_(opt_g.param_groups[0]["params"], cfg.grad_clip)
+                    run.acc.clip_grad_norm_(opt_d.param_groups[0]["params"], cfg.grad_clip)
+                opt_g.step()
+                opt_d.step()
+                opt_g.zero_grad(set_to_none=True)
+                opt_d.zero_grad(set_to_none=True)
+            for k, v in {**terms, **d_terms}.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
+        done = step + 1
+        run.log(done, {**sums, "tau": out.tau.mean().item(), "lr": common.lr_at(step, cfg)})
+        run.maybe_validate(done, model.restore, val, model)
+        run.maybe_save(done)
+    run.close()
+    final = Path(cfg.out) / FINAL_DIR
+    if run.acc.is_main_process:
+        checkpoint.save(model, final, extra={"training": {"stage": 2, "steps": cfg.max_steps}})
+        run.info(f"wrote {final}")
+    run.acc.wait_for_everyone()
+    return final
+
+
+@click.command(help="Stage 2: train the one-step diffusion model (LoRA + timestep predictor, "
+               "with a UNet discriminator) from a stage-1 checkpoint (see README 'Training').")
+@common.config_options(Stage2Config)
+def main(**kwargs) -> None:
+    common.run_cli(train, Stage2Config, kwargs)
+
+
+if __name__ == "__main__":
+    main()
