@@ -1,0 +1,138 @@
+"""Peak memory of the torch-free runtime against image size: tiles stream, so a 4096x4096
+image should need little more than a 512x512 one.
+
+    python benchmarks/memory.py                       # exports the tiny preset, 512 and 4096
+    python benchmarks/memory.py --engine DIR --sizes 512,2048 --tile 128 --overlap 16
+
+Each size runs in a fresh child process (peak RSS is per process: `resource.getrusage`'s
+ru_maxrss), which builds a `Restorer`, makes a uint8 RGB image of that size and restores it.
+The child reports its peak RSS after loading the engines (the baseline) and after the restore.
+Writes benchmarks/results/memory-cpu.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "results" / "memory-cpu.json"
+TINY_SHAPES = ((8, 8), (64, 64), (128, 128))  # the tiny engine: dynamic 8..128 pixels
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def synthetic_image(side: int, seed: int = 0):
+    """A uint8 RGB image with structure (gradients) and JPEG-like noise, made row band by row
+    band so the generator itself never holds more than the image."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    image = np.empty((side, side, 3), np.uint8)
+    x = np.arange(side, dtype=np.float32)
+    for y in range(0, side, 256):
+        rows = np.arange(y, min(y + 256, side), dtype=np.float32)[:, None]
+        base = 128 + 60 * np.sin(x / 37.0) * np.cos(rows / 53.0)
+        noise = rng.integers(-12, 13, (rows.shape[0], side, 3), dtype=np.int16)
+        image[y:y + rows.shape[0]] = np.clip(base[..., None] + noise, 0, 255).astype(np.uint8)
+    return image
+
+
+def measure_child(engine: Path, side: int, tile: int | None, overlap: int | None,
+                  threads: int) -> dict:
+    """Runs in the child process: one restore, its peak memory and time."""
+    from runtime import Restorer
+
+    with Restorer(engine, tile=tile, overlap=overlap, threads=threads) as r:
+        loaded = peak_rss_mb()
+        image = synthetic_image(side)
+        t0 = time.perf_counter()
+        out, info = r.restore_info(image)
+        seconds = time.perf_counter() - t0
+    assert out.shape == image.shape
+    return {"size": side, "baseline_rss_mb": round(loaded, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "image_mb": round(image.nbytes / 2**20, 1), "seconds": round(seconds, 1),
+            "tiles": info["tiles"], "torch_loaded": "torch" in sys.modules}
+
+
+def export_tiny(out: Path) -> Path:
+    """The tiny preset with seeded random weights, dynamic shapes up to 128 pixels."""
+    from export.options import ExportOptions
+    from export.pipeline import run_export
+
+    run_export(ExportOptions(out=out, preset="tiny", random_weights=True, dynamic=TINY_SHAPES,
+                             samples=1), log=lambda m: click.echo(m, err=True))
+    return out
+
+
+def run_child(engine: Path, side: int, tile, overlap, threads: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--engine", str(engine),
+           "--sizes", str(side), "--threads", str(threads)]
+    cmd += ["--tile", str(tile)] if tile else []
+    cmd += ["--overlap", str(overlap)] if overlap is not None else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise click.ClickException(f"child for {side}x{side} failed: "
+                                   f"{proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@click.command()
+@click.option("--engine", type=click.Path(path_type=Path), help="Engine dir (default: export "
+                                                                 "the tiny preset to a temp dir).")
+@click.option("--sizes", default="512,4096", show_default=True, help="Square image sides.")
+@click.option("--tile", type=int, default=None, help="Tile side (default: the engine's max).")
+@click.option("--overlap", type=int, default=16, show_default=True, help="Tile overlap.")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="onnxruntime threads (0: all cores).")
+@click.option("--out", type=click.Path(path_type=Path), default=OUT, show_default=True)
+@click.option("--child", is_flag=True, hidden=True)
+def main(engine, sizes, tile, overlap, threads, out, child):
+    """Peak RSS of one restore per image size, each in its own process."""
+    sides = [int(s) for s in sizes.split(",")]
+    if child:
+        click.echo(json.dumps(measure_child(engine, sides[0], tile, overlap, threads)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = engine or export_tiny(Path(tmp) / "engine")
+        manifest = json.loads((Path(engine) / "manifest.json").read_text())
+        runs = []
+        for side in sides:
+            runs.append(run_child(engine, side, tile, overlap, threads))
+            click.echo(json.dumps(runs[-1]), err=True)
+            write_result(out, manifest, runs, tile, overlap, threads)  # a killed run keeps these
+
+
+def write_result(out: Path, manifest: dict, runs: list[dict], tile, overlap, threads) -> None:
+    peak = {r["size"]: r["peak_rss_mb"] for r in runs}
+    first = runs[0]["size"]
+    result = {
+        "what": "peak RSS (ru_maxrss) of a child process restoring one uint8 RGB image with "
+                "runtime.Restorer on the CPU (onnxruntime), engines loaded first",
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count()},
+        "engine": {"preset": manifest["preset"], "shapes": manifest["shapes"],
+                   "random_weights": manifest["random_weights"]},
+        "settings": {"tile": tile, "overlap": overlap, "threads": threads},
+        "runs": runs,
+        "ratios": {f"{s}/{first}": round(peak[s] / peak[first], 3) for s in peak if s != first},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):
+        sys.path.insert(0, str(REPO))
+    main()

@@ -1,0 +1,157 @@
+"""Batches of files: find the inputs, choose outputs that never clobber anything, restore each,
+report. A bad file fails alone; the batch goes on and lists the failures at the end."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+from .config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, IMAGE_SUFFIXES, OUTPUT_SUFFIX
+from .errors import BackendError, ImageError
+from .imageio import output_format, read_image, write_image
+
+GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path                  # the input file
+    target: Path | None           # where its output goes (None: refused before running)
+    error: str | None = None      # why it was refused
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    out: Path | None = None       # output file (one input) or folder; None: beside each input
+    fmt: str = "png"              # output extension for outputs named by the batch
+    quality: int = DEFAULT_QUALITY  # JPEG/WebP quality
+    overwrite: bool = False       # replace existing outputs (inputs are never replaced)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit; 0: none
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+
+
+def collect_inputs(args: list[str]) -> tuple[list[tuple[Path, Path | None]], list[Job]]:
+    """(file, folder it was found under or None) for files, folders (recursive) and globs;
+    plus refused jobs for arguments that match nothing."""
+    found, bad = [], []
+    for arg in args:
+        p = Path(arg).expanduser()
+        if p.is_dir():
+            found += [(f, p) for f in sorted(p.rglob("*")) if _candidate(f)]
+        elif p.exists():
+            found.append((p, None))
+        elif GLOB_CHARS & set(arg):
+            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(arg), recursive=True))
+            files = [(m, None) for m in matches if m.is_file()]
+            found += files
+            if not files:
+                bad.append(Job(p, None, f"{arg}: no file matches this pattern"))
+        else:
+            bad.append(Job(p, None, f"{arg}: no such file or folder"))
+    unique, seen = [], set()
+    for f, root in found:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((f, root))
+    return unique, bad
+
+
+def _candidate(f: Path) -> bool:
+    # Images in folders; our own outputs from an earlier run beside their inputs are skipped.
+    return (f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            and not f.stem.endswith(OUTPUT_SUFFIX) and not f.name.startswith("."))
+
+
+def plan_jobs(inputs: list[tuple[Path, Path | None]], opts: BatchOptions) -> list[Job]:
+    """An output per input; refuse outputs that are inputs or collide with each other."""
+    ext = "." + opts.fmt.lower().lstrip(".")
+    names_file = opts.out is not None and not opts.out.is_dir() and opts.out.suffix != ""
+    single_file = names_file and len(inputs) == 1 and inputs[0][1] is None
+    if names_file and not single_file and inputs:
+        raise ValueError(f"-o {opts.out} names one file, but the inputs are {len(inputs)} "
+                         f"files or a folder; pass a folder to -o")
+    sources = {f.resolve() for f, _ in inputs}
+    jobs, taken = [], {}
+    for f, root in inputs:
+        if single_file:
+            target = opts.out
+        elif opts.out is None:
+            target = f.with_name(f.stem + OUTPUT_SUFFIX + ext)
+        else:
+            rel = f.relative_to(root) if root is not None else Path(f.name)
+            target = opts.out / rel.with_suffix(ext)
+        key = target.resolve()
+        if key in sources:
+            jobs.append(Job(f, None, f"{f}: its output {target} would replace an input"))
+        elif key in taken:
+            jobs.append(Job(f, None, f"{f}: its output {target} is also the output of "
+                                     f"{taken[key]}"))
+        else:
+            taken[key] = f
+            jobs.append(Job(f, target))
+    return jobs
+
+
+def process(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = None) -> dict:
+    """Restore one file; returns its report (raises ImageError/BackendError/ValueError).
+    `tiles(done, total)` follows the tiles of a large image."""
+    output_format(job.target)  # an unwritable extension fails before any work
+    if job.target.exists() and not opts.overwrite:
+        raise ImageError(f"{job.target} exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    img = read_image(job.source, opts.max_pixels)
+    t1 = time.perf_counter()
+    out, info = restorer.restore_info(img.array, img.qf, tiles)
+    t2 = time.perf_counter()
+    write_image(job.target, out, img.icc, img.exif, opts.quality, opts.overwrite)
+    ms = {"read": round((t1 - t0) * 1000, 2), **info.pop("ms"),
+          "write": round((time.perf_counter() - t2) * 1000, 2)}
+    return {"input": str(job.source), "output": str(job.target), "ok": True,
+            "mode": img.mode, "format": img.format, **info, "ms": ms}
+
+
+def run_batch(restorer, jobs: list[Job], opts: BatchOptions, report: TextIO | None,
+              say: Callable[[str], None], progress: Callable | None = None,
+              tiles: Callable | None = None) -> Summary:
+    """Process every job, continuing past failures; `say` prints one line per failure,
+    `report` (when given) gets one JSON line per image; `progress(total=n)` makes the images'
+    progress bar, `tiles(done, total)` follows one image's tiles."""
+    summary = Summary()
+    bar = progress(total=len(jobs)) if progress else None
+    for job in jobs:
+        try:
+            if job.error:
+                raise ImageError(job.error)
+            line = process(restorer, job, opts, tiles)
+            summary.done += 1
+        except (ImageError, BackendError, ValueError, OSError) as e:
+            line = _failure(job, str(e), summary, say)
+        except Exception as e:  # noqa: BLE001 - one broken image must not stop the batch
+            line = _failure(job, f"internal error ({type(e).__name__}: {e})", summary, say)
+        if report is not None:
+            report.write(json.dumps(line) + "\n")
+            report.flush()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return summary
+
+
+def _failure(job: Job, reason: str, summary: Summary, say: Callable[[str], None]) -> dict:
+    reason = reason.splitlines()[0] if reason else "unknown error"
+    if not reason.startswith(str(job.source)):
+        reason = f"{job.source}: {reason}"
+    summary.failed.append((str(job.source), reason))
+    say(f"error: {reason}")
+    return {"input": str(job.source), "output": None, "ok": False, "error": reason}

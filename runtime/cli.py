@@ -1,0 +1,115 @@
+"""`sodiff-run`: a thin click front end of `runtime.batch` and `runtime.Restorer`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .config import (CHOICES_BACKEND, CHOICES_DEVICE, CHOICES_TIMESTEP, DEFAULT_MAX_PIXELS,
+                     DEFAULT_QUALITY, OUTPUT_SUFFIX, RestoreOptions)
+
+EXIT_FAILED, EXIT_UNUSABLE = 1, 2
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engine", "engine", required=True, type=click.Path(path_type=Path),
+              help="Engine dir written by sodiff-export.")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help=f"Output file (one input) or folder (mirrors input folders). Default: "
+                   f"beside each input as NAME{OUTPUT_SUFFIX}.png.")
+@click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp"]), default="png",
+              show_default=True, help="Format of outputs the batch names (an -o FILE's "
+                                      "extension decides its own).")
+@click.option("--quality", type=click.IntRange(1, 100), default=DEFAULT_QUALITY,
+              show_default=True, help="JPEG/WebP output quality.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (never inputs).")
+@click.option("--backend", type=click.Choice(CHOICES_BACKEND), default="auto",
+              show_default=True, help="auto: what the engine dir holds (ONNX: onnxruntime, "
+                                      "engines: TensorRT).")
+@click.option("--device", type=click.Choice(CHOICES_DEVICE), default="auto",
+              show_default=True, help="onnxruntime provider (auto: CUDA when installed).")
+@click.option("--tile", type=click.IntRange(min=1), help="Tile side in pixels (default: the "
+                                                         "engines' largest shape).")
+@click.option("--overlap", type=click.IntRange(min=0), help="Tile overlap in pixels "
+                                                            "(default: a quarter tile).")
+@click.option("--timestep", type=click.Choice(CHOICES_TIMESTEP), default="model",
+              show_default=True, help="model: the predictor (or the dir's fixed tau); header: "
+                                      "tau from the JPEG quantization tables' quality.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="onnxruntime CPU threads (0: onnxruntime decides).")
+@click.option("--max-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS,
+              show_default=True, help="Decompression-bomb limit in pixels (0: none).")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files.")
+@click.option("--report", is_flag=True, help="One JSON line per image on stdout (QF, tau, "
+                                             "size, ms per stage).")
+def main(engine, inputs, output, fmt, quality, overwrite, backend, device, tile, overlap,
+         timestep, threads, max_pixels, no_verify, report):
+    """Restore JPEG-compressed images with a SODiff engine dir.
+
+    INPUT: files, folders (searched recursively) and glob patterns.
+    """
+    from tqdm import tqdm
+
+    from .batch import BatchOptions, collect_inputs, plan_jobs, run_batch
+    from .errors import BackendError, EngineDirError
+    from .pipeline import Restorer
+
+    found, refused = collect_inputs(list(inputs))
+    opts = BatchOptions(out=output, fmt=fmt, quality=quality, overwrite=overwrite,
+                        max_pixels=max_pixels)
+    try:
+        jobs = refused + plan_jobs(found, opts)
+    except ValueError as e:
+        _die(str(e), EXIT_UNUSABLE)
+    if not jobs:
+        _die("no input images found", EXIT_UNUSABLE)
+    try:
+        restorer = Restorer(engine, RestoreOptions(
+            backend=backend, device=device, tile=tile, overlap=overlap, timestep=timestep,
+            threads=threads, verify_hashes=not no_verify))
+    except (EngineDirError, BackendError, ValueError) as e:
+        _die(str(e), EXIT_UNUSABLE)
+    say = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731 - keeps the bar intact
+    bar = lambda total: tqdm(total=total, unit="image", file=sys.stderr, disable=None)  # noqa
+    with restorer:
+        summary = run_batch(restorer, jobs, opts, sys.stdout if report else None, say, bar,
+                            _TileBar())
+    click.echo(f"{summary.done} restored, {len(summary.failed)} failed", err=True)
+    if summary.failed:
+        click.echo("failed:", err=True)
+        for _, reason in summary.failed:
+            click.echo(f"  {reason}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+class _TileBar:
+    """A second bar for images that go through several tiles; gone when the image is done."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+        if total < 2:
+            return
+        if self.bar is not None and (self.bar.total != total or done <= self.bar.n):
+            self.bar.close()  # the last image failed halfway: start afresh
+            self.bar = None
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="tile", leave=False, file=sys.stderr,
+                            disable=None)
+        self.bar.update(done - self.bar.n)
+        if done == total:
+            self.bar.close()
+            self.bar = None
+
+
+def _die(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Constants of the engine-dir contract and the runtime's options (one frozen dataclass)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MANIFEST = "manifest.json"
+FORMAT = "sodiff-engine"
+FORMAT_VERSIONS = (1,)           # engine-dir format versions this runtime reads
+
+# Component I/O names fixed by shared/design.md; `timestep` is a UNet input only when the
+# timestep is predicted (fixed/calibrated dirs bake it into the graph).
+COMPONENT_IO = {
+    "saipe": (("image",), ("prompt",)),
+    "predictor": (("image",), ("timestep", "qf")),
+    "vae_encoder": (("image",), ("latent",)),
+    "unet": (("latent", "timestep", "prompt"), ("clean_latent",)),
+    "vae_decoder": (("clean_latent",), ("image",)),
+}
+ALWAYS = ("saipe", "vae_encoder", "unet", "vae_decoder")
+TIMESTEP_MODES = ("predicted", "fixed", "calibrated")
+DTYPES = ("float32", "float16")
+BACKENDS = ("onnx", "trt")       # a component's backend in the manifest
+
+JPEG_BLOCK = 8                   # the JPEG block grid tiles and predictor crops stay aligned to
+MIN_PREDICTOR_SIDE = 8           # the predictor's 8x8 stride-8 stem needs at least one block
+HASH_CHUNK = 1 << 20             # bytes read at a time when hashing model files
+RESIZE_ROWS = 64                 # image rows converted to float at a time for SAIPE's resize
+
+# Image I/O
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+DEFAULT_QUALITY = 95             # JPEG/WebP output quality
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
+OUTPUT_SUFFIX = "_sodiff"        # outputs beside their inputs: photo.jpg -> photo_sodiff.png
+# ITU-R BT.601 luma, PIL's RGB -> L weights: greyscale inputs are restored as RGB and mapped back.
+LUMA = (0.299, 0.587, 0.114)
+
+CHOICES_BACKEND = ("auto", "ort", "trt")
+CHOICES_DEVICE = ("auto", "cpu", "cuda", "tensorrt")
+CHOICES_TIMESTEP = ("model", "header")
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    backend: str = "auto"         # auto: each component's backend from the manifest; ort; trt
+    device: str = "auto"          # onnxruntime provider: auto (CUDA when present), cpu, cuda,
+    #                               tensorrt (onnxruntime's TensorRT provider)
+    tile: int | None = None       # tile side in pixels; None: the engine's largest shape
+    overlap: int | None = None    # tile overlap in pixels; None: a quarter of the tile
+    timestep: str = "model"       # model: predictor or the manifest's fixed tau; header: tau
+    #                               from the JPEG quantization tables' quality factor
+    threads: int = 0              # onnxruntime intra-op threads; 0: onnxruntime decides
+    verify_hashes: bool = True    # sha256-check every model file when the dir is opened
+
+
+def validate_options(opts: RestoreOptions) -> None:
+    """Raise ValueError naming every option value that cannot work, whatever the engine."""
+    problems = []
+    if opts.backend not in CHOICES_BACKEND:
+        problems.append(f"backend={opts.backend!r} (expected one of {', '.join(CHOICES_BACKEND)})")
+    if opts.device not in CHOICES_DEVICE:
+        problems.append(f"device={opts.device!r} (expected one of {', '.join(CHOICES_DEVICE)})")
+    if opts.timestep not in CHOICES_TIMESTEP:
+        problems.append(f"timestep={opts.timestep!r} (expected one of "
+                        f"{', '.join(CHOICES_TIMESTEP)})")
+    if opts.tile is not None and (not isinstance(opts.tile, int) or opts.tile < 1):
+        problems.append(f"tile={opts.tile!r} (expected a positive number of pixels)")
+    if opts.overlap is not None and (not isinstance(opts.overlap, int) or opts.overlap < 0):
+        problems.append(f"overlap={opts.overlap!r} (expected pixels >= 0)")
+    if not isinstance(opts.threads, int) or opts.threads < 0:
+        problems.append(f"threads={opts.threads!r} (expected an integer >= 0)")
+    if problems:
+        raise ValueError("invalid runtime options: " + "; ".join(problems))

@@ -1,0 +1,194 @@
+"""Reading and writing the image files real users have, with one clear error line per problem.
+
+Read: EXIF orientation applied; greyscale (8/16-bit), palette, grey+alpha, RGBA (alpha kept
+apart and passed through), CMYK (to sRGB through its ICC profile when it has one) and 16-bit
+inputs; the ICC profile and EXIF (orientation reset) are kept for the output; Pillow's
+decompression-bomb guard with a caller-chosen limit. Write: format from the extension,
+atomically (temp file + rename/link in the same folder), never replacing a file unless asked.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, OUTPUT_FORMATS
+from .errors import ImageError
+from .jpegqf import estimate_quality
+
+EXIF_ORIENTATION = 0x0112
+_SIXTEEN = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass
+class ImageFile:
+    array: np.ndarray             # uint8/uint16: HxW, HxWx2 (grey+alpha), HxWx3, HxWx4
+    qf: int | None                # IJG quality of a JPEG's tables (None: unknown / not JPEG)
+    icc: bytes | None             # ICC profile to write back (None when the colours changed)
+    exif: bytes | None            # EXIF with the orientation reset (already applied)
+    mode: str                     # Pillow's mode of the file, for reports
+    format: str | None            # Pillow's format name of the file
+
+
+@contextlib.contextmanager
+def _bomb_guard(max_pixels: int):
+    """Pillow's guard with our limit (0: none); its over-the-limit warning becomes an error."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels or None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFile:
+    """Decode `path` for restoration; ImageError with one line on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        with _bomb_guard(max_pixels), Image.open(path) as im:
+            fmt, qf, mode = im.format, estimate_quality(im), im.mode
+            im.load()  # decode now: truncation and corruption surface here
+            ImageOps.exif_transpose(im, in_place=True)  # no second full-size copy
+            array, icc = _to_array(im, im.info.get("icc_profile"))
+            exif = _exif_bytes(im)
+    except UnidentifiedImageError:
+        size = path.stat().st_size
+        raise ImageError(f"{path}: not an image Pillow can read ({size} bytes"
+                         f"{', empty file' if size == 0 else ''})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: {_bomb_message(e, max_pixels)}") from None
+    except ImageError as e:
+        raise ImageError(f"{path}: {e}") from None
+    except MemoryError:
+        raise ImageError(f"{path}: too large to decode in the available memory") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types on bad data
+        raise ImageError(f"{path}: truncated or corrupt image ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    return ImageFile(array, qf, icc, exif, mode, fmt)
+
+
+def _bomb_message(e: Exception, max_pixels: int) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(found.group(1)):,} pixels" if found else "its declared size"
+    return (f"declares {size}, over the decompression-bomb guard's limit of {max_pixels:,}; "
+            f"if the file is trusted, raise it with --max-pixels")
+
+
+def _exif_bytes(im: Image.Image) -> bytes | None:
+    exif = im.getexif()
+    if not exif:
+        return None
+    exif.pop(EXIF_ORIENTATION, None)  # applied to the pixels already
+    return exif.tobytes()
+
+
+def _to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    """CMYK (and other non-RGB colour spaces) to RGB, through the ICC profile when possible."""
+    if icc and im.mode == "CMYK":
+        try:
+            from PIL import ImageCms
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"),
+                                             outputMode="RGB")
+        except Exception:  # noqa: BLE001 - a broken profile: fall back to Pillow's formula
+            pass
+    return im.convert("RGB")
+
+
+def _to_array(im: Image.Image, icc: bytes | None) -> tuple[np.ndarray, bytes | None]:
+    mode = im.mode
+    if mode in _SIXTEEN:
+        return np.asarray(im).astype(np.uint16), icc
+    if mode == "I":
+        a = np.asarray(im)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ImageError("32-bit integer pixels outside 0..65535 are not supported")
+        return a.astype(np.uint16), icc
+    if mode == "F":
+        raise ImageError("floating-point images are not supported; save it as 8 or 16 bits")
+    if mode in ("P", "PA"):
+        transparent = mode == "PA" or "transparency" in im.info
+        return np.asarray(im.convert("RGBA" if transparent else "RGB")), icc
+    keep = {"1": "L", "L": "L", "LA": "LA", "La": "LA", "RGB": "RGB", "RGBA": "RGBA",
+            "RGBa": "RGBA", "RGBX": "RGB"}
+    if mode in keep:
+        return np.asarray(im.convert(keep[mode]) if keep[mode] != mode else im), icc
+    return np.asarray(_to_srgb(im, icc)), None  # CMYK, YCbCr, LAB, HSV: colours changed
+
+
+def output_format(path: Path) -> str:
+    """Pillow's format name for the output's extension; ImageError for unknown ones."""
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ImageError(f"{path}: cannot write {path.suffix or 'extension-less'} files; use "
+                         f"one of {', '.join(sorted(OUTPUT_FORMATS))}")
+    return fmt
+
+
+def _to_pil(array: np.ndarray, fmt: str) -> Image.Image:
+    a = array
+    if a.dtype == np.uint16 and (a.ndim == 3 or fmt != "PNG"):
+        a = np.rint(a / 257.0).astype(np.uint8)  # 16-bit colour / non-PNG: 8 bits per channel
+    if a.ndim == 3 and a.shape[2] == 2:
+        if fmt == "JPEG":
+            raise ImageError("JPEG cannot store the alpha channel; write .png or .webp")
+        a = a if fmt == "PNG" else a[..., [0, 0, 0, 1]]  # WebP has no grey: grey as RGB
+        return Image.fromarray(a, "LA" if a.shape[2] == 2 else "RGBA")
+    if a.ndim == 3 and a.shape[2] == 4 and fmt == "JPEG":
+        raise ImageError("JPEG cannot store the alpha channel; write .png or .webp")
+    if a.ndim == 2 and a.dtype == np.uint16:
+        return Image.fromarray(np.ascontiguousarray(a, "<u2"))  # mode I;16
+    if a.ndim == 2 and fmt == "WEBP":
+        return Image.fromarray(a, "L").convert("RGB")
+    return Image.fromarray(a)
+
+
+def write_image(path: str | Path, array: np.ndarray, icc: bytes | None = None,
+                exif: bytes | None = None, quality: int = DEFAULT_QUALITY,
+                overwrite: bool = False) -> None:
+    """Encode `array` to `path` (format from the extension) atomically; an existing file is
+    replaced only with `overwrite`."""
+    path = Path(path)
+    fmt = output_format(path)
+    im = _to_pil(array, fmt)
+    kw: dict = {k: v for k, v in (("icc_profile", icc), ("exif", exif)) if v}
+    if fmt in ("JPEG", "WEBP"):
+        kw["quality"] = quality
+    if fmt == "JPEG":
+        kw["subsampling"] = 0  # 4:4:4: keep the restored chroma
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            im.save(f, format=fmt, **kw)
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(Path(tmp), path, overwrite)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic and refuses to replace an existing file
+    except FileExistsError:
+        raise ImageError(f"{path} exists; pass --overwrite to replace it") from None
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists():
+            raise ImageError(f"{path} exists; pass --overwrite to replace it") from None
+        os.replace(tmp, path)
