@@ -1,0 +1,307 @@
+"""The export, stage by stage: options -> model -> timestep -> reference samples -> ONNX ->
+parity -> lint -> TensorRT -> manifest (last). Library entry point: `run_export`."""
+from __future__ import annotations
+
+import gc
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+from tqdm import tqdm
+
+from sodiff import __version__
+from sodiff.base import BaseModelError
+from sodiff.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError
+from sodiff.config import get_preset
+from sodiff.model import SODiff
+
+from . import manifest as mf
+from . import trt_ops
+from .errors import (ComponentExportError, ExportError, LintError, MissingCheckpointError,
+                     OptionError, ParityError, PrerequisiteError)
+from .lint import lint_file
+from .onnx_export import finish_component, trace_component
+from .options import (ExportOptions, components_for, image_sizes, parse_timestep, precision_of,
+                      validate_for_model, validate_options)
+from .parity import check_parity, fp16_safety
+from .samples import (calibrate_tau, folder_digest, list_images, load_image, qf_table,
+                      reference_run, sample_batches, synthetic_images)
+from .specs import COMPONENTS, component_specs, dims
+from .targets import get_target
+from .wrappers import build_wrappers, for_export
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = REPO_ROOT / "weights" / "tiny"
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Loaded:
+    model: SODiff
+    checkpoint: dict   # the manifest's `checkpoint` entry
+    identity: dict     # what the weights' identity is, for the skip-unchanged hashes
+
+
+def load_model(opts: ExportOptions) -> Loaded:
+    """The model to export: seeded random weights of a preset, or a checkpoint."""
+    if opts.random_weights:
+        try:
+            cfg = get_preset(opts.preset)
+        except ValueError as e:
+            raise OptionError(f"--preset: {e}") from None
+        torch.manual_seed(opts.seed)
+        return Loaded(SODiff(cfg).eval(), {"path": None, "sha256": None,
+                                           "random_seed": opts.seed},
+                      {"random": cfg.to_dict(), "seed": opts.seed})
+    folder = Path(opts.checkpoint) if opts.checkpoint is not None else DEFAULT_CHECKPOINT
+    if opts.checkpoint is None and not folder.is_dir():
+        raise MissingCheckpointError(
+            f"no --checkpoint given and the bundled default checkpoint {folder} is missing; "
+            f"pass --checkpoint DIR, or --preset NAME --random-weights for an untrained model")
+    try:
+        from sodiff.checkpoint import load
+        model = load(folder, opts.base)
+    except (CheckpointError, BaseModelError) as e:
+        raise ExportError(str(e)) from None
+    sha = mf.sha256_files([folder / META_FILE, folder / WEIGHTS_FILE])
+    base = None
+    if opts.base is not None:
+        files = sorted(p for p in Path(opts.base).rglob("*") if p.is_file())
+        base = folder_digest(files)
+    return Loaded(model.eval(), {"path": str(folder), "sha256": sha},
+                  {"checkpoint": sha, "base": base})
+
+
+def _timestep(opts: ExportOptions, model: SODiff, real: list, log: Log) -> dict:
+    mode, tau = parse_timestep(opts.timestep)
+    if mode == "calibrated":
+        tau = calibrate_tau(model.predictor, real)
+        log(f"[timestep] calibrated tau = {tau:.2f} (median over {len(real)} images)")
+    table = None
+    if not opts.random_weights:  # an untrained predictor's table would be meaningless
+        source, images = ("calibration", real) if real else synthetic_images(opts.seed)
+        table = qf_table(model.predictor, images, source)
+        log(f"[timestep] QF table from {table['images']} {source} images: "
+            + ", ".join(f"{q}:{t:.0f}" for q, t in zip(table["qf"], table["tau"])))
+    return {"mode": mode, "value": tau, "t_max": model.cfg.predictor.t_max, "qf_table": table}
+
+
+class _Plan:
+    """What this export writes and how: components, precisions, shapes, hashes."""
+
+    def __init__(self, opts: ExportOptions, loaded: Loaded, timestep: dict, calib_digest,
+                 trt_info: tuple[str, tuple[int, int]] | None):
+        cfg = loaded.model.cfg
+        self.target = get_target(opts.target)
+        self.names = components_for(opts)
+        self.precision = precision_of(opts)
+        self.specs = component_specs(
+            saipe_size=cfg.saipe.image_size, num_queries=cfg.saipe.num_queries,
+            prompt_dim=cfg.saipe.prompt_dim, latent_channels=cfg.latent_channels,
+            baked_timestep=timestep["mode"] != "predicted")
+        lo, opt, hi = image_sizes(opts, cfg.saipe.image_size)
+        b, f = opts.batch, cfg.vae_factor
+        self.opt_size = opt
+        self.dims = (dims(b[0], lo, f), dims(b[1], opt, f), dims(b[2], hi, f))
+        self.trace_dims = dims(1, opt, f)
+        self.shapes = {"mode": "dynamic" if opts.dynamic else "static", "min": list(lo),
+                       "opt": list(opt), "max": list(hi),
+                       "batch": {"min": b[0], "opt": b[1], "max": b[2]}}
+        self.trt_info = trt_info
+        common = {"exporter": __version__, "torch": torch.__version__,
+                  "onnx": onnx.__version__, "weights": loaded.identity, "opset": opts.opset,
+                  "target": self.target.name, "shapes": self.shapes, "samples": opts.samples,
+                  "seed": opts.seed, "calibration": calib_digest, "trt": trt_info}
+        self._common, self._tau = common, timestep["value"]
+        self.digests = {n: self.digest(n, self.precision[n]) for n in self.names}
+        # Components of this timestep mode that were not asked for: a previous export's
+        # entries for them stay in the manifest while still valid.
+        self.others = tuple(c for c in COMPONENTS if c not in self.names and
+                            (timestep["mode"] == "predicted" or c != "predictor"))
+
+    def digest(self, name: str, precision: str) -> str:
+        return mf.source_hash({**self._common, "component": name, "precision": precision,
+                               "tau": self._tau if name == "unet" else None})
+
+
+def run_export(opts: ExportOptions, log: Log = _stderr) -> Path:
+    """Export per `opts`; returns the manifest's path. Raises ExportError subclasses."""
+    started = time.perf_counter()
+    validate_options(opts)
+    target = get_target(opts.target)
+    missing = target.prerequisite()
+    if missing:
+        raise PrerequisiteError(f"{missing}; nothing was written")
+    out = Path(opts.out)
+    mf.check_out_dir(out)
+    calib_files = list_images(opts.calibration) if opts.calibration else []
+    log(f"[model] loading {'random ' + opts.preset if opts.random_weights else 'checkpoint'}")
+    loaded = load_model(opts)
+    cfg = loaded.model.cfg
+    validate_for_model(opts, cfg.pad_multiple, cfg.saipe.image_size)
+    trt_info = None
+    if target.name == "trt":
+        from .trt import compute_capability, trt_version
+        trt_info = (trt_version(), compute_capability())
+    real = [load_image(p) for p in calib_files]
+    timestep = _timestep(opts, loaded.model, real, log)
+    plan = _Plan(opts, loaded, timestep, folder_digest(calib_files) if calib_files else None,
+                 trt_info)
+    entries = _reusable_entries(plan, None if opts.force else mf.read_manifest(out), out, log)
+    todo = [n for n in plan.names if n not in entries]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / mf.MANIFEST).unlink(missing_ok=True)  # from here on, the folder is unfinished
+    if todo:
+        entries.update(_export_onnx(opts, plan, loaded, timestep, real, todo, out, log))
+    lint = _lint(plan, [n for n in COMPONENTS if n in entries], out, log)
+    if target.name == "trt":
+        _build_engines(plan, todo, entries, out, opts, log)
+    for e in entries.values():
+        if e["fp16"]["at_risk"]:
+            log(f"[fp16] at risk: {e['fp16']['advice']}")
+    components = {n: entries[n] for n in COMPONENTS if n in entries}
+    manifest = mf.build_manifest(version=__version__, cfg=cfg, random_weights=opts.random_weights,
+                                 checkpoint=loaded.checkpoint, timestep=timestep,
+                                 shapes=plan.shapes, components=components, lint=lint)
+    path = mf.write_manifest(out, manifest)
+    log(f"[done] {out} ({len(components)} components, {time.perf_counter() - started:.1f} s)")
+    return path
+
+
+def _reusable_entries(plan: _Plan, old: dict | None, out: Path, log: Log) -> dict[str, dict]:
+    """A previous export's entries whose inputs are unchanged and files intact: the asked-for
+    components (skipped) and the others of this timestep mode (kept in the manifest)."""
+    entries = {}
+    for n in plan.names:
+        if (e := mf.reusable(old, n, plan.digests[n], out)) is not None:
+            entries[n] = e
+            log(f"[skip] {n}: inputs unchanged (use --force to rebuild)")
+    for n in plan.others:
+        prec = ((old or {}).get("components", {}).get(n) or {}).get("precision", "")
+        if (e := mf.reusable(old, n, plan.digest(n, prec), out)) is not None:
+            entries[n] = e
+            log(f"[keep] {n}: not asked for; the previous export's entry is still valid")
+    return entries
+
+
+def _export_onnx(opts: ExportOptions, plan: _Plan, loaded: Loaded, timestep: dict,
+                 real: list, todo: list[str], out: Path, log: Log) -> dict[str, dict]:
+    model, cfg = loaded.model, loaded.model.cfg
+    if cfg.lora is not None and not model.lora_merged:
+        model.merge_lora()  # in place: this model instance is the export's own copy
+    needed = tuple(c for c in COMPONENTS if timestep["mode"] == "predicted" or c != "predictor")
+    wrappers = build_wrappers(model, needed, timestep["value"])
+    t0 = time.perf_counter()
+    batches = sample_batches(plan.opt_size, opts.samples, real, opts.seed)
+    refs = reference_run(wrappers, plan.specs, tuple(todo), batches, cfg.saipe.image_size,
+                         cfg.predictor.t_max, opts.seed)
+    log(f"[samples] {', '.join(f'{s}: {x.shape[0]}' for s, x in batches)} at "
+        f"{plan.opt_size[0]}x{plan.opt_size[1]} ({time.perf_counter() - t0:.1f} s)")
+    raw = {}
+    try:
+        for n in _bar(todo, "trace"):
+            t0, spec, prec = time.perf_counter(), plan.specs[n], plan.precision[n]
+            module = for_export(wrappers[n], spec, prec, plan.target.name)
+            raw[n] = trace_component(module, spec, prec, plan.trace_dims, opts.opset, out,
+                                     opts.seed)
+            del module
+            _log_above_bar(log, f"[trace] {n} ({prec}) ({time.perf_counter() - t0:.1f} s)")
+        # Free PyTorch's model before clean-up and onnxruntime load the (many-GB) graphs.
+        del wrappers, model, loaded.model
+        gc.collect()
+        stats = {}
+        for n in _bar(todo, "clean-up"):
+            t0 = time.perf_counter()
+            stats[n] = finish_component(raw[n], plan.specs[n], plan.precision[n],
+                                        out / f"{n}.onnx")
+            del raw[n]
+            _log_above_bar(log, f"[onnx] {n}: {stats[n]['nodes_before']} -> "
+                                f"{stats[n]['nodes_after']} nodes"
+                                f"{' + external data' if stats[n]['external_data'] else ''} "
+                                f"({time.perf_counter() - t0:.1f} s)")
+    finally:
+        for path in raw.values():  # traced but never cleaned up (an error stopped us)
+            shutil.rmtree(path.parent, ignore_errors=True)
+    return _parity(plan, refs, stats, todo, out, log)
+
+
+def _bar(items: list[str], what: str):
+    return tqdm(items, desc=what, unit="component", file=sys.stderr, disable=None)
+
+
+def _log_above_bar(log: Log, msg: str) -> None:
+    with tqdm.external_write_mode(file=sys.stderr):  # keeps an active bar below the lines
+        log(msg)
+
+
+def _parity(plan: _Plan, refs: dict, stats: dict, todo: list[str], out: Path, log: Log
+            ) -> dict[str, dict]:
+    entries, failures = {}, []
+    for n in todo:
+        t0, spec, prec = time.perf_counter(), plan.specs[n], plan.precision[n]
+        parity, fails = check_parity(out / f"{n}.onnx", spec, prec, refs[n])
+        failures += fails
+        fp16 = fp16_safety(n, refs[n].max_abs, refs[n].nonfinite)
+        log(f"[parity] {n}: max abs {parity.get('max_abs', float('nan')):.3g} "
+            f"(tolerance {parity.get('tolerance', float('nan')):.3g}, "
+            f"{parity.get('samples', 0)} samples) {'ok' if not fails else 'FAILED'}; "
+            f"largest activation {fp16['max_abs_activation']:.4g} "
+            f"({'at risk in fp16' if fp16['at_risk'] else 'fp16-safe'}) "
+            f"({time.perf_counter() - t0:.1f} s)")
+        entries[n] = {**mf.file_entry(out, f"{n}.onnx", stats[n]["external_data"]),
+                      "backend": "onnx", "precision": prec, **spec.io_manifest(prec),
+                      "trt": None, "source_hash": plan.digests[n], "parity": parity,
+                      "fp16": fp16}
+    if failures:
+        raise ParityError(failures)
+    return entries
+
+
+def _lint(plan: _Plan, names: list[str], out: Path, log: Log) -> dict:
+    version = (plan.trt_info and tuple(int(x) for x in plan.trt_info[0].split(".")[:2])) \
+        or trt_ops.DEFAULT_TRT_VERSION
+    problems, warnings = [], []
+    for n in names:
+        p, w = lint_file(out / f"{n}.onnx", n, version)
+        problems += p
+        warnings += w
+    for p in problems:
+        log(f"[lint] {p}")
+    for w in warnings:
+        log(f"[lint] warning: {w}")
+    log(f"[lint] TensorRT {'.'.join(map(str, version))} op lint: "
+        f"{'passed' if not problems else f'{len(problems)} problem(s)'}")
+    if problems and plan.target.lint_blocks:
+        raise LintError(problems)
+    return {"passed": not problems, "problems": [p.to_dict() for p in problems],
+            "warnings": warnings, "trt_version": ".".join(map(str, version))}
+
+
+def _build_engines(plan: _Plan, todo: list[str], entries: dict, out: Path,
+                   opts: ExportOptions, log: Log) -> None:
+    from .trt import TIMING_CACHE, build_engine, engine_file_name
+    version, cc = plan.trt_info
+    cache = Path(opts.timing_cache) if opts.timing_cache else out / TIMING_CACHE
+    for n in todo:
+        t0, spec, prec = time.perf_counter(), plan.specs[n], plan.precision[n]
+        onnx_entry = {k: entries[n][k] for k in ("file", "sha256", "external_data")}
+        engine = engine_file_name(n, version, cc)
+        profile = spec.profile(*plan.dims)
+        try:
+            build_engine(out / f"{n}.onnx", out / engine, prec == "fp16", profile, cache)
+        except Exception as e:  # noqa: BLE001 - parser/builder errors, reported typed
+            raise ComponentExportError(n, "TensorRT build", f"{type(e).__name__}: {e}") from e
+        entries[n].update({**mf.file_entry(out, engine, None), "backend": "trt",
+                           "trt": {"version": version, "compute_capability": f"{cc[0]}.{cc[1]}",
+                                   "profiles": profile, "onnx": onnx_entry,
+                                   "timing_cache": cache.name if cache.parent == out else None}})
+        log(f"[trt] {n} ({prec}) -> {engine} ({time.perf_counter() - t0:.1f} s)")
