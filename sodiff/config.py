@@ -48,13 +48,16 @@ SD21_VAE = {
     "scaling_factor": 0.18215,
 }
 
+# The tiny preset runs whole photos on a CPU, so attention only runs at the UNet's deepest level
+# (1/4 of the latent side) and the VAE is norm- and attention-free (AutoencoderTiny-style):
+# attention at full latent resolution would cost O((H*W/4)^2) on a 768x512 photo.
 TINY_UNET = {
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [32, 64],
+    "sample_size": 32,
+    "in_channels": 8,
+    "out_channels": 8,
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64],
     "layers_per_block": 1,
     "attention_head_dim": 8,
     "cross_attention_dim": 64,
@@ -67,13 +70,12 @@ TINY_UNET = {
 TINY_VAE = {
     "in_channels": 3,
     "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 8,
-    "sample_size": 64,
+    "encoder_block_out_channels": [48, 48],
+    "decoder_block_out_channels": [48, 48],
+    "num_encoder_blocks": [1, 1],
+    "num_decoder_blocks": [1, 1],
+    "act_fn": "relu",
+    "latent_channels": 8,
     "scaling_factor": 1.0,
 }
 
@@ -258,6 +260,7 @@ TINY = ModelConfig(
     lora=LoRAConfig(rank=4, alpha=4.0),
     unet=dict(TINY_UNET),
     vae=dict(TINY_VAE),
+    vae_class="AutoencoderTiny",
 )
 
 PRESETS: dict[str, ModelConfig] = {

@@ -33,7 +33,7 @@ def test_lora_is_also_written_in_diffusers_format(tiny_model, tmp_path):
     fresh.unet.load_lora_adapter(str(tmp_path / "ck"), prefix="unet",
                                  weight_name="pytorch_lora_weights.safetensors",
                                  adapter_name="default")
-    z, t = torch.randn(1, 4, 16, 16), torch.tensor([300.0])
+    z, t = torch.randn(1, TINY.latent_channels, 16, 16), torch.tensor([300.0])
     p = torch.randn(1, 77, 64)
     with torch.no_grad():
         want = tiny_model.unet(z, t, encoder_hidden_states=p).sample

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sodiff.base import build_unet
-from sodiff.config import TINY_UNET
+from sodiff.config import TINY, TINY_UNET
 from sodiff.schedule import add_noise, alphas_cumprod
 from training.discriminator import UNetDiscriminator, noisy_input
 from training.losses import discriminator_loss, generator_loss, stage2_discriminator_loss
@@ -26,12 +26,12 @@ def make_disc(base_unet, trainable="all"):
 
 def inputs(b=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 77, D_PROMPT, generator=g))
+    return (torch.randn(b, TINY.latent_channels, 8, 8, generator=g), torch.randn(b, 77, D_PROMPT, generator=g))
 
 
 def toy_generator():
     torch.manual_seed(2)
-    return nn.Conv2d(4, 4, 3, padding=1)
+    return nn.Conv2d(TINY.latent_channels, TINY.latent_channels, 3, padding=1)
 
 
 def test_output_shape_and_dropped_layers(base_unet):
@@ -62,7 +62,7 @@ def test_features_match_the_unets_own_mid_block(base_unet):
 
 def test_noisy_input_uses_the_schedule():
     table = alphas_cumprod()
-    z = torch.randn(4, 4, 8, 8)
+    z = torch.randn(4, TINY.latent_channels, 8, 8)
     z_t, t = noisy_input(z, table, torch.Generator().manual_seed(5))
     assert t.dtype == torch.long and ((t >= 0) & (t < 1000)).all() and len(set(t.tolist())) > 1
     g = torch.Generator().manual_seed(5)

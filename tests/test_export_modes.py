@@ -16,6 +16,7 @@ from export.options import ExportOptions
 from export.pipeline import run_export
 from export.samples import predict_tau
 from sodiff.checkpoint import load
+from sodiff.config import TINY
 from test_export_onnx import make_checkpoint, session
 
 
@@ -48,7 +49,7 @@ def test_fixed_timestep_is_baked_and_its_embedding_folded(tmp_path, ckpt, monkey
     assert not [t.name for t in graph.initializer if list(t.dims) == [1000]], \
         "the alphas_cumprod table should fold away with a baked tau"
     model = load(ckpt).eval()
-    z, prompt = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64)
+    z, prompt = torch.randn(2, TINY.latent_channels, 8, 8), torch.randn(2, 77, 64)
     with torch.no_grad():
         want = model.denoise(z, torch.full((2,), 250.5), prompt).numpy()
         other = model.denoise(z, torch.full((2,), 700.0), prompt).numpy()

@@ -110,7 +110,8 @@ def test_manifest_describes_every_component(exported):
     assert m["random_weights"] is False and m["preset"] == "tiny"
     assert list(m["components"]) == list(COMPONENTS)
     assert m["timestep"]["mode"] == "predicted" and len(m["timestep"]["qf_table"]["tau"]) == 11
-    assert m["image"]["pad_multiple"] == 4 and m["image"]["latent_channels"] == 4
+    assert m["image"]["pad_multiple"] == TINY.pad_multiple
+    assert m["image"]["latent_channels"] == TINY.latent_channels
     for name, c in m["components"].items():
         assert (eng / c["file"]).is_file() and Path(c["file"]).name == c["file"]
         assert c["parity"]["passed"] and c["parity"]["max_abs"] <= 1e-4, (name, c["parity"])
@@ -161,7 +162,7 @@ def test_chain_matches_pytorch_pipeline(exported, source):
 
 def test_exported_unet_carries_the_lora(exported):
     model, eng = exported["model"], exported["opts"].out
-    z, prompt = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 64)
+    z, prompt = torch.randn(1, TINY.latent_channels, 16, 16), torch.randn(1, 77, 64)
     t = torch.tensor([400.0])
     (got,) = run(eng, "unet", latent=z, timestep=t, prompt=prompt)
     no_lora = load(exported["ckpt"]).eval()

@@ -31,7 +31,7 @@ def model():
 
 def inputs(batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, 8, 12, generator=g), torch.tensor([37.25, 811.5][:batch]),
+    return (torch.randn(batch, TINY.latent_channels, 8, 12, generator=g), torch.tensor([37.25, 811.5][:batch]),
             torch.randn(batch, 77, 64, generator=g))
 
 

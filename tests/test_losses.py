@@ -79,7 +79,7 @@ def fake_output(seed=0, b=2, size=32, prompt_dim=64):
     return SODiffOutput(restored=decoded.clamp(-1, 1), decoded=decoded, prompt=r(b, 77, prompt_dim),
                         rec=r(b, 3, 64, 64), tau=torch.full((b,), 500.0),
                         qf=(torch.rand(b, generator=g) * 90 + 5).requires_grad_(),
-                        logits=r(b, 1000), z_lq=r(b, 4, 8, 8), z_hq=r(b, 4, 8, 8))
+                        logits=r(b, 1000), z_lq=r(b, TINY.latent_channels, 8, 8), z_hq=r(b, TINY.latent_channels, 8, 8))
 
 
 def test_stage2_terms_finite_nonzero_and_weighted(dists, tiny):

@@ -33,7 +33,7 @@ def test_forward_returns_the_intermediates(tiny_model):
     assert out.prompt.shape == (2, 77, TINY.saipe.prompt_dim)
     assert out.rec.shape == (2, 3, TINY.saipe.image_size, TINY.saipe.image_size)
     assert out.tau.shape == out.qf.shape == (2,)
-    assert out.z_lq.shape == out.z_hq.shape == (2, 4, 32, 32)
+    assert out.z_lq.shape == out.z_hq.shape == (2, TINY.latent_channels, 32, 32)
 
 
 def test_lora_merged_matches_unmerged(tiny_model):
@@ -84,8 +84,8 @@ def test_restore_any_size_pads_and_crops(tiny_model):
 
 
 def test_unaligned_forward_is_refused(tiny_model):
-    with pytest.raises(ValueError, match="multiple of 4"):
-        tiny_model(lq(1, 50, 64))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        tiny_model(lq(1, 60, 64))
 
 
 def test_gradients_reach_lora_predictor_saipe_not_vae(tiny_model):

@@ -42,11 +42,14 @@ def init(tmp_path_factory):
 
     A fresh SAIPE's pooling queries start at 0.02 scale, so its 77 prompt tokens are nearly
     identical; cross-attention then cannot tell them apart and its query projections get ~no
-    gradient. Spread queries stand in for a trained SAIPE's distinct tokens."""
+    gradient. Spread queries stand in for a trained SAIPE's distinct tokens. Likewise a random
+    AutoencoderTiny decoder's outputs sit near -1 (black); a +0.5 bias on its last conv (outputs
+    are 2 * net - 1) centres them, as a trained VAE's would be."""
     torch.manual_seed(0)
     model = SODiff(TINY)
     with torch.no_grad():
         model.saipe.t_align.pool.queries.normal_(0, 1, generator=torch.Generator().manual_seed(2))
+        model.vae.decoder.layers[-1].bias += 0.5
     return checkpoint.save(model, tmp_path_factory.mktemp("init") / "ckpt")
 
 
@@ -56,7 +59,7 @@ def images(init, tmp_path_factory):
     perfect fit exists: natural images lie far outside a random decoder's range."""
     vae = checkpoint.load(init).vae
     with torch.no_grad():
-        x = decode(vae, 2 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)),
+        x = decode(vae, 2 * torch.randn(2, TINY.latent_channels, 8, 8, generator=torch.Generator().manual_seed(5)),
                    1.0).clamp(-1, 1)
     folder = tmp_path_factory.mktemp("images")
     for i, img in enumerate(x):
@@ -88,9 +91,9 @@ def logged(monkeypatch):
 def test_overfits_a_fixed_batch_with_every_term(tmp_path, init, images, logged):
     # Two images at one QF with batch 2: every step sees the same batch. Random DISTS weights.
     torch.manual_seed(0)
-    final = stage2.train(config(tmp_path, init, images, max_steps=40, perceptual="random"),
+    final = stage2.train(config(tmp_path, init, images, max_steps=60, perceptual="random"),
                          perceptual=DISTS())
-    assert len(logged) == 40
+    assert len(logged) == 60
     for row in logged:
         for k in ("mse", "ea", "gan", "qf", "total", "d_loss"):
             assert np.isfinite(row[k]) and row[k] > 0, (k, row)
@@ -175,7 +178,7 @@ def test_other_discriminator_unet_and_crop_check(tmp_path, init):
     assert torch.equal(disc.conv_in.weight, saved["conv_in.weight"])
     with pytest.raises(FileNotFoundError, match="no diffusers UNet"):
         stage2.build_discriminator(config(tmp_path, init, "x", disc_unet=str(tmp_path)), model)
-    with pytest.raises(ValueError, match="crop=18 must be a multiple of 4"):
+    with pytest.raises(ValueError, match="crop=18 must be a multiple of 8"):
         stage2.prepare_model(config(tmp_path, init, "x", crop=18))
 
 
