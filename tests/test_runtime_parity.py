@@ -48,6 +48,21 @@ def reference(model, image):
     return u8, float(tau)
 
 
+WHOLE = [("bikes.png", 10), ("parrots.png", 20)]  # whole LIVE1 photos (768x512), untiled
+
+
+@pytest.mark.parametrize("name, quality", WHOLE, ids=[w[0] for w in WHOLE])
+def test_whole_live1_photos_match_pytorch_within_one_level(tiny, model, name, quality):
+    from sodiff.jpeg import compress
+    with Image.open(shared_data("LIVE1_color") / name) as im:
+        image = compress(np.asarray(im.convert("RGB")), quality)[0]
+    ref, tau = reference(model, image)
+    with Restorer(tiny[0]) as r:
+        out, info = r.restore_info(image)
+    assert info["tiles"]["count"] == 1 and info["tau"] == pytest.approx(tau, abs=1e-2)
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize("crop", CROPS, ids=[c[0] for c in CROPS])
 def test_restorer_matches_pytorch_within_one_level(tiny, model, crop):
     image = lq_crop(*crop)
@@ -75,7 +90,7 @@ def test_a_tile_covering_the_image_equals_untiled_exactly(tiny):
 
 def test_predictor_crops_and_header_timestep_on_the_real_engine(tiny, model):
     image = lq_crop("bikes.png", 0, 0, 200, 260, 10)
-    with Restorer(tiny[0]) as r:
+    with Restorer(tiny[0], tile=128) as r:  # smaller than the image: several tiles
         info = r.restore_info(image)[1]
     assert info["tiles"]["count"] > 1 and 0 <= info["tau"] <= 999
     with Restorer(tiny[0], timestep="header") as r:
