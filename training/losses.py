@@ -82,8 +82,8 @@ def stage2_generator_loss(out, hq: torch.Tensor, qf_gt: torch.Tensor | None,
     `hq` in [-1, 1] like `out.decoded`; `qf_gt` [B] (None, or `out.qf` None for a fixed timestep:
     no QF term). `dists=None` turns L_EA off, `disc=None` turns L_G off. The discriminator call
     is *not* under no_grad and its input is not detached: L_G's gradient must reach `out.z_hq`
-    (the discriminator's own parameters get gradients too; the trainer steps only the
-    generator's optimiser with this loss and zeroes D's grads before its own step).
+    (called as is, the discriminator's own parameters get gradients too: training/stage2.py
+    freezes them for this call, which stays correct under gradient accumulation).
     """
     validate_weights(weights)
     if out.decoded.shape != hq.shape:
