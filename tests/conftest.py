@@ -18,6 +18,17 @@ def shared_data(sub: str = "") -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core box: one thread is faster than two fighting threads."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_model():
     """A tiny SODiff with seeded random weights and a LoRA that changes the output."""
     import torch

@@ -20,13 +20,7 @@ from training.text_embeddings import INDEX_FILE, SHARD_PATTERN, TENSOR_NAME
 CROP = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: one thread is faster than two fighting threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smooth_image(path, h, w, seed):
