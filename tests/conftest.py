@@ -29,6 +29,34 @@ def one_thread():
 
 
 @pytest.fixture
+def logged(monkeypatch):
+    """Every training step's logged scalars."""
+    from training import common
+
+    rows = []
+    original = common.Run.log
+
+    def log(self, step, scalars):
+        rows.append(dict(scalars))
+        return original(self, step, scalars)
+
+    monkeypatch.setattr(common.Run, "log", log)
+    return rows
+
+
+# Prepended to `python -c` scripts: makes torch (and what pulls it in) unimportable, so a test
+# proves the runtime works without it.
+BLOCK_TORCH = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'sodiff', 'export', 'diffusers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+@pytest.fixture
 def tiny_model():
     """A tiny SODiff with seeded random weights and a LoRA that changes the output."""
     import torch

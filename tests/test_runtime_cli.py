@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageCms
 
 from fixtures.runtime_engines import identity_engine
+from conftest import BLOCK_TORCH
 from runtime.cli import main
 from runtime.jpegqf import estimate_quality
 
@@ -293,13 +294,8 @@ def test_a_failed_write_leaves_nothing_behind(engine, tmp_path, monkeypatch):
 
 def test_runtime_works_with_torch_unimportable(engine, tmp_path):
     Image.fromarray(rgb(20, 30)).save(tmp_path / "a.png")
-    code = f"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'sodiff', 'export', 'diffusers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    code = BLOCK_TORCH + f"""
+import sys
 import numpy as np
 from runtime import Restorer
 from runtime.cli import main

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import shared_data
+from conftest import BLOCK_TORCH, shared_data
 from fixtures.runtime_engines import tiny_engine
 from runtime import Restorer
 
@@ -114,13 +114,8 @@ def test_cli_restores_with_torch_unimportable_like_the_api(tiny, tmp_path):
         decoded = np.asarray(im.convert("RGB"))
     with Restorer(tiny[0]) as r:
         expected = r.restore(decoded)
-    code = f"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'sodiff', 'export', 'diffusers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    code = BLOCK_TORCH + f"""
+import sys
 from runtime.cli import main
 main(['--engine', {str(tiny[0])!r}, {str(tmp_path / 'a.jpg')!r}, '-o', {str(tmp_path / 'o.png')!r}])
 """

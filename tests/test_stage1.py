@@ -62,19 +62,6 @@ def config(tmp_path, **kw):
     return Stage1Config(**{**base, **kw})
 
 
-@pytest.fixture
-def logged(monkeypatch):
-    """Every step's logged scalars."""
-    rows = []
-    original = common.Run.log
-
-    def log(self, step, scalars):
-        rows.append(dict(scalars))
-        return original(self, step, scalars)
-
-    monkeypatch.setattr(common.Run, "log", log)
-    return rows
-
 
 def test_overfits_a_fixed_batch_and_exports_a_loadable_checkpoint(tmp_path, store, logged):
     # Two captioned crops at one QF and batch 2: every step sees the same batch.

@@ -69,18 +69,6 @@ def config(tmp_path, init, images, **kw):
     return Stage2Config(**{**base, **kw})
 
 
-@pytest.fixture
-def logged(monkeypatch):
-    rows = []
-    original = common.Run.log
-
-    def log(self, step, scalars):
-        rows.append(dict(scalars))
-        return original(self, step, scalars)
-
-    monkeypatch.setattr(common.Run, "log", log)
-    return rows
-
 
 def test_overfits_a_fixed_batch_with_every_term(tmp_path, init, images, logged):
     # Two images at one QF with batch 2: every step sees the same batch. Random DISTS weights.
