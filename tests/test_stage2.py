@@ -18,7 +18,7 @@ from sodiff import checkpoint
 from sodiff.base import decode
 from sodiff.config import TINY, TINY_UNET
 from sodiff.model import SODiff
-from training import common, stage2
+from training import stage2
 from training.dists import DISTS
 from training.losses import Stage2Weights
 from training.stage2 import Stage2Config
