@@ -54,8 +54,24 @@ def read_base_configs(base_dir: str | Path) -> tuple[dict[str, Any], dict[str, A
                              f"diffusers folder of Stable Diffusion 2.1-base (nothing is downloaded)")
     unet_cfg, vae_cfg = _check_part(base, "unet"), _check_part(base, "vae")
     vae_class = vae_cfg.get("_class_name", "AutoencoderKL")
-    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
-    return strip(unet_cfg), strip(vae_cfg), vae_class
+    return (_init_args("UNet2DConditionModel", unet_cfg), _init_args(vae_class, vae_cfg),
+            vae_class)
+
+
+def _init_args(class_name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a diffusers `config.json` that the class's constructor takes. Saved configs
+    may hold more (AutoencoderTiny writes `block_out_channels`, which it does not accept);
+    `from_pretrained` ignores those too, and a config rebuilt from a checkpoint must not
+    pass them back."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in config.items() if k in params and not k.startswith("_")}
 
 
 def load_base(base_dir: str | Path, dtype: torch.dtype = torch.float32

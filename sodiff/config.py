@@ -116,6 +116,7 @@ class PredictorConfig:
     channels: tuple[int, ...] = (64, 128, 256, 256)  # the four residual blocks' widths
     t_max: int = 1000             # timestep candidates 0..t_max-1 (Eq. 11)
     qf_init: float = 50.0         # QF head's initial bias: the middle of the QF range
+    t_init: float | None = None   # untrained expected timestep; None: the middle, (t_max-1)/2
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,9 @@ def validate_config(cfg: ModelConfig) -> None:
         problems.append(f"predictor.channels={p.channels}: the paper's predictor has 4 blocks")
     if p.t_max < 2 or p.t_max > cfg.num_train_timesteps:
         problems.append(f"predictor.t_max={p.t_max} must be in [2, {cfg.num_train_timesteps}]")
+    if p.t_init is not None and not 0 < p.t_init < (p.t_max - 1) / 2:
+        problems.append(f"predictor.t_init={p.t_init} must be in (0, {(p.t_max - 1) / 2}) "
+                        f"(None gives the middle of the range)")
     if cfg.vae_class not in VAE_CLASSES:
         problems.append(f"vae_class={cfg.vae_class!r} must be one of {VAE_CLASSES}")
     elif cfg.latent_channels != cfg.unet.get("in_channels"):
@@ -263,9 +267,17 @@ TINY = ModelConfig(
     vae_class="AutoencoderTiny",
 )
 
+# The bundled default (weights/tiny). Its UNet has no pretrained weights to keep, so stage 2
+# trains all of it, and it starts at a small timestep, where Eq. 6 with the base UNet's zeroed
+# output layer is nearly the identity on the latent (see training/tiny_base.py).
+TINY_FULL = dataclasses.replace(
+    TINY, name="tiny-full", lora=None,
+    predictor=dataclasses.replace(TINY.predictor, t_init=50.0))
+
 PRESETS: dict[str, ModelConfig] = {
     "sd21": ModelConfig(name="sd21"),
     "tiny": TINY,
+    "tiny-full": TINY_FULL,
 }
 
 

@@ -28,7 +28,8 @@ class TimestepPredictor(nn.Module):
 
     The stem is an 8x8 stride-8 convolution so each token is one JPEG block: the input must be
     the image at native resolution, with the block grid at the origin. Timestep logits start at
-    zero, so an untrained predictor gives the middle of the range, `(t_max - 1) / 2`.
+    zero, so an untrained predictor gives the middle of the range, `(t_max - 1) / 2`, unless
+    `cfg.t_init` asks for another start (see `decaying_logits`).
     """
 
     def __init__(self, cfg: PredictorConfig):
@@ -41,7 +42,11 @@ class TimestepPredictor(nn.Module):
         self.timestep_head = nn.Linear(widths[-1], cfg.t_max)
         self.qf_head = nn.Linear(widths[-1], 1)
         nn.init.zeros_(self.timestep_head.weight)
-        nn.init.zeros_(self.timestep_head.bias)
+        if cfg.t_init is None:
+            nn.init.zeros_(self.timestep_head.bias)
+        else:
+            with torch.no_grad():
+                self.timestep_head.bias.copy_(decaying_logits(cfg.t_max, cfg.t_init))
         nn.init.zeros_(self.qf_head.weight)
         nn.init.constant_(self.qf_head.bias, cfg.qf_init)
         self.register_buffer("candidates", torch.arange(cfg.t_max, dtype=torch.float32),
@@ -78,3 +83,18 @@ def expected_timestep(logits: torch.Tensor, candidates: torch.Tensor, gumbel: bo
         gumbel_noise = -torch.log((-torch.log(u.clamp(1e-20, 1.0))).clamp_min(1e-20))
         logits = logits + gumbel_noise
     return (torch.softmax(logits.float(), dim=-1) * candidates).sum(-1).to(logits.dtype)
+
+
+def decaying_logits(t_max: int, mean: float) -> torch.Tensor:
+    """Logits `-k * i` over candidates `0..t_max-1` whose softmax has expectation `mean`
+    (`0 < mean < (t_max - 1) / 2`): a smooth geometric start, so that the timesteps around
+    `mean` all get gradients, unlike a one-hot start."""
+    i = torch.arange(t_max, dtype=torch.float64)
+    lo, hi = 0.0, 50.0  # the softmax mean falls from (t_max-1)/2 at k=0 towards 0 as k grows
+    for _ in range(100):
+        k = (lo + hi) / 2
+        if (torch.softmax(-k * i, 0) * i).sum() > mean:
+            lo = k
+        else:
+            hi = k
+    return (-(lo + hi) / 2 * i).float()

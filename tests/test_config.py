@@ -11,6 +11,14 @@ def test_presets_round_trip_through_json():
         assert again == cfg
 
 
+def test_tiny_full_differs_from_tiny_only_in_lora_and_start_timestep():
+    full = get_preset("tiny-full")
+    assert full.lora is None and full.predictor.t_init == 50.0
+    assert full.replace(name="tiny", lora=TINY.lora,
+                        predictor=TINY.predictor.__class__(**{**full.predictor.__dict__,
+                                                               "t_init": None})) == TINY
+
+
 def test_sd21_sizes_follow_the_paper():
     cfg = PRESETS["sd21"]
     assert cfg.saipe.embed_dim == 180 and cfg.saipe.downsample == 4
@@ -32,6 +40,8 @@ def test_unknown_preset_lists_known_ones():
     (dict(vae_class="AutoencoderXL"), "vae_class"),
     (dict(timestep_mode="fixed:2000"), "fixed:2000"),
     (dict(timestep_mode="sometimes"), "sometimes"),
+    (dict(predictor=TINY.predictor.__class__(t_init=600.0)), "t_init=600.0"),
+    (dict(predictor=TINY.predictor.__class__(t_init=0.0)), "t_init=0.0"),
 ])
 def test_invalid_configs_name_the_offending_value(change, needle):
     with pytest.raises(ValueError, match=needle):

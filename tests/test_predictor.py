@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from sodiff.config import TINY
-from sodiff.predictor import TimestepPredictor
+from sodiff.config import TINY, TINY_FULL
+from sodiff.predictor import TimestepPredictor, decaying_logits
 
 
 @pytest.fixture
@@ -20,6 +20,20 @@ def test_untrained_predictor_starts_mid_range():
     assert torch.allclose(tau, torch.full((2,), (TINY.predictor.t_max - 1) / 2))
     assert torch.allclose(qf, torch.full((2,), TINY.predictor.qf_init))
     assert logits.shape == (2, TINY.predictor.t_max)
+
+
+@pytest.mark.parametrize("mean", [1.5, 50.0, 300.0])
+def test_decaying_logits_hit_the_requested_mean(mean):
+    logits = decaying_logits(1000, mean)
+    probs = torch.softmax(logits.double(), 0)
+    assert float((probs * torch.arange(1000)).sum()) == pytest.approx(mean, rel=1e-4)
+    assert (probs[1:] < probs[:-1]).all()  # geometric: the smallest timestep is likeliest
+
+
+def test_t_init_sets_the_untrained_timestep():
+    p = TimestepPredictor(TINY_FULL.predictor)
+    tau, _, _ = p(torch.randn(2, 3, 64, 48))
+    assert torch.allclose(tau, torch.full((2,), TINY_FULL.predictor.t_init), rtol=1e-4)
 
 
 def test_inference_is_deterministic_and_in_range(predictor):

@@ -119,6 +119,33 @@ def test_frozen_parts_stay_bit_identical_trained_parts_move(tmp_path, init, imag
     assert "L_EA OFF" in out.out and "validation PSNR" in out.out
 
 
+def test_full_unet_without_discriminator_embeds_its_base(tmp_path, images, logged, capsys):
+    # tiny-full on a training.tiny_base folder: the whole UNet trains, --w-gan 0 builds no
+    # discriminator, and --embed-base makes the final checkpoint load without --base.
+    from sodiff.base import build_vae
+    from sodiff.config import TINY_FULL
+    from training.tiny_base import make_base
+
+    torch.manual_seed(0)
+    build_vae(TINY_FULL.vae_class, TINY_FULL.vae).save_pretrained(tmp_path / "vae")
+    base = make_base(tmp_path / "vae", tmp_path / "base")
+    init = checkpoint.save(SODiff.from_base(TINY_FULL, base), tmp_path / "init")
+    assert checkpoint.read_meta(init)["base"] == "external"
+    cfg = config(tmp_path, init, images, base=str(base), w_gan=0.0, embed_base=True,
+                 weight_decay=0.0)
+    final = stage2.train(cfg)
+    assert "discriminator OFF" in capsys.readouterr().out
+    assert all(r["gan"] == 0 and "d_loss" not in r for r in logged)
+    state = load_file(str(Path(cfg.out) / "train_state" / "step-2" / "weights.safetensors"))
+    assert state and not any(k.startswith("disc.") for k in state)
+    assert checkpoint.read_meta(final)["base"] == "embedded"
+    before = checkpoint.load(init, base).state_dict()
+    after = checkpoint.load(final).state_dict()  # no base needed any more
+    for k in before:
+        moved = not torch.equal(before[k], after[k])
+        assert moved == k.startswith(("unet.", "predictor.")), k
+
+
 def gan_gradients(init, checkpointing):
     cfg = config(Path("unused"), init, "unused", gradient_checkpointing=checkpointing)
     torch.manual_seed(0)

@@ -99,8 +99,8 @@ def validate_common(cfg: TrainConfig) -> list[str]:
 
 
 def with_crops(cfg: TrainConfig, preset: str) -> TrainConfig:
-    """`cfg` with unset crop sides filled in: the paper's, or the tiny preset's SAIPE size."""
-    side = TINY_CROP if preset == "tiny" else PAPER_CROP
+    """`cfg` with unset crop sides filled in: the paper's, or a tiny preset's SAIPE size."""
+    side = TINY_CROP if preset.startswith("tiny") else PAPER_CROP
     crop = cfg.crop or side
     return dataclasses.replace(cfg, crop=crop, val_crop=cfg.val_crop or crop)
 

@@ -48,7 +48,7 @@ def validate_train_config(cfg: Stage1Config) -> None:
     p = common.validate_common(cfg)
     if cfg.preset not in PRESETS:
         p.append(f"preset={cfg.preset!r} must be one of {', '.join(PRESETS)}")
-    elif cfg.preset != "tiny" and cfg.base is None:
+    elif not cfg.preset.startswith("tiny") and cfg.base is None:
         p.append(f"preset={cfg.preset!r} needs base (a local SD2.1-base folder) so that the "
                  f"final checkpoint can refer to it")
     if cfg.align and cfg.embeddings is None:

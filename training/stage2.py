@@ -50,11 +50,14 @@ class Stage2Config(TrainConfig):
                               "default; the paper does not give one)")
     w_mse: float = opt(1.0, help="weight of MSE(restored, hq) (Eq. 7)")
     w_ea: float = opt(1.0, help="weight of L_EA = DISTS(sobel) + DISTS (Eq. 7)")
-    w_gan: float = opt(1e-2, help="alpha of Eq. 12: weight of the generator's GAN loss")
+    w_gan: float = opt(1e-2, help="alpha of Eq. 12: weight of the generator's GAN loss; 0 "
+                       "trains without a discriminator (no D network, no D step)")
     w_qf: float = opt(1e-3, help="beta of Eq. 12: weight of L1(QF_pred, QF_gt)")
     batch_size: int = opt(2, help="images per process per micro-batch (paper: 2 per GPU)")
     lr: float = opt(1e-5, help="AdamW learning rate of LoRA and predictor (paper: 1e-5)")
     max_steps: int = opt(150_000, help="optimizer steps (paper: 150k)")
+    embed_base: bool = opt(False, help="store the base UNet/VAE in the final checkpoint, so it "
+                           "loads without --base (for small bases such as training.tiny_base's)")
 
     @property
     def weights(self) -> Stage2Weights:
@@ -171,16 +174,29 @@ class DiscriminatorStep(nn.Module):
         return stage2_discriminator_loss(self.disc, z_fake, z_real, prompt, generator)
 
 
-def generator_objective(gen: nn.Module, disc: UNetDiscriminator, dists: nn.Module | None,
+def generator_objective(gen: nn.Module, disc: UNetDiscriminator | None, dists: nn.Module | None,
                         batch: dict[str, torch.Tensor], weights: Stage2Weights,
                         generator: torch.Generator, autocast=None):
     """`(out, loss, terms)` of Eq. 12 for one batch; Gumbel noise on the timestep. The
-    discriminator passes L_G's gradient to the generator but keeps none for itself."""
+    discriminator passes L_G's gradient to the generator but keeps none for itself; without
+    one (`disc=None`) there is no L_G."""
     out = gen(batch["lq"], gumbel=True, generator=generator)
-    with autocast or contextlib.nullcontext(), no_param_grads(disc):
+    frozen = no_param_grads(disc) if disc is not None else contextlib.nullcontext()
+    with autocast or contextlib.nullcontext(), frozen:
         loss, terms = stage2_generator_loss(out, batch["hq"], batch["qf"], dists, disc, weights,
                                             generator)
     return out, loss, terms
+
+
+def discriminator_terms(run: Run, model: SODiff, d_step: nn.Module, out, batch, g, step: int
+                        ) -> dict[str, torch.Tensor]:
+    """Eq. 9's backward pass for one micro-batch (fake = this step's restored latent)."""
+    with torch.no_grad(), run.acc.autocast():
+        z_real = encode_mean(model.vae, batch["hq"], model.cfg.scaling_factor)
+    loss_d, d_terms = d_step(out.z_hq.detach(), z_real, out.prompt.detach(), g)
+    run.check_finite(d_terms, step + 1)
+    run.acc.backward(loss_d)
+    return d_terms
 
 
 def train(cfg: Stage2Config, perceptual: nn.Module | None = None) -> Path:
@@ -191,51 +207,53 @@ def train(cfg: Stage2Config, perceptual: nn.Module | None = None) -> Path:
     run = Run(cfg, "stage2")
     dists = perceptual if perceptual is not None else load_perceptual(cfg.perceptual)
     model = prepare_model(cfg)
-    disc = build_discriminator(cfg, model)
     dataset = JPEGPairs(folder_sources(cfg.data, cfg.crop), cfg.crop, (cfg.qf_min, cfg.qf_max),
                         cfg.seed)
     opt_g = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                               weight_decay=cfg.weight_decay)
-    opt_d = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr,
-                              weight_decay=cfg.weight_decay)
     set_train_mode(model)
-    disc.train()
-    gen, d_step, opt_g, opt_d = run.acc.prepare(model, DiscriminatorStep(disc), opt_g, opt_d)
+    gen, opt_g = run.acc.prepare(model, opt_g)
+    parts, optimizers = {"model": model}, {"generator": opt_g}
+    disc = d_step = None
+    if cfg.w_gan > 0:
+        disc = build_discriminator(cfg, model).train()
+        opt_d = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad],
+                                  lr=cfg.disc_lr, weight_decay=cfg.weight_decay)
+        d_step, optimizers["discriminator"] = run.acc.prepare(DiscriminatorStep(disc), opt_d)
+        parts["disc"] = disc
     if dists is not None:
         dists = dists.to(run.device).eval()
-    run.track({"model": model, "disc": disc}, {"generator": opt_g, "discriminator": opt_d})
+    run.track(parts, optimizers)
     val = validation_images(cfg.val_data, cfg.val_crop, cfg.val_qf, cfg.val_images) \
         if cfg.val_data else None
     batches = run.batches(dataset)
     run.begin()
     run.info(f"{len(dataset)} training images; {len(opt_g.param_groups[0]['params'])} trained "
-             f"generator tensors; L_EA {'OFF (--perceptual none)' if dists is None else 'on'}")
-    s = model.cfg.scaling_factor
+             f"generator tensors; L_EA {'OFF (--perceptual none)' if dists is None else 'on'}; "
+             f"discriminator {'on' if disc is not None else 'OFF (--w-gan 0)'}")
+    lr_scale = {"generator": 1.0, "discriminator": cfg.disc_lr / cfg.lr}
     for step in range(run.start_step, cfg.max_steps):
-        common.set_lr(opt_g, common.lr_at(step, cfg))
-        common.set_lr(opt_d, common.lr_at(step, cfg) * cfg.disc_lr / cfg.lr)
+        for name, o in optimizers.items():
+            common.set_lr(o, common.lr_at(step, cfg) * lr_scale[name])
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             g = common.step_generator(cfg.seed, step, micro, run.acc.process_index, run.device)
-            with run.acc.accumulate(gen, d_step):
+            with run.acc.accumulate(*[m for m in (gen, d_step) if m is not None]):
                 out, loss_g, terms = generator_objective(gen, disc, dists, batch, cfg.weights, g,
                                                          run.acc.autocast())
                 run.check_finite(terms, step + 1)
                 run.acc.backward(loss_g)
-                with torch.no_grad(), run.acc.autocast():
-                    z_real = encode_mean(model.vae, batch["hq"], s)
-                loss_d, d_terms = d_step(out.z_hq.detach(), z_real, out.prompt.detach(), g)
-                run.check_finite(d_terms, step + 1)
-                run.acc.backward(loss_d)
+                if d_step is not None:
+                    terms.update(discriminator_terms(run, model, d_step, out, batch, g, step))
                 if run.acc.sync_gradients and cfg.grad_clip:
-                    run.acc.clip_grad_norm_(opt_g.param_groups[0]["params"], cfg.grad_clip)
-                    run.acc.clip_grad_norm_(opt_d.param_groups[0]["params"], cfg.grad_clip)
-                opt_g.step()
-                opt_d.step()
-                opt_g.zero_grad(set_to_none=True)
-                opt_d.zero_grad(set_to_none=True)
-            for k, v in {**terms, **d_terms}.items():
+                    for o in optimizers.values():
+                        run.acc.clip_grad_norm_(o.param_groups[0]["params"], cfg.grad_clip)
+                for o in optimizers.values():
+                    o.step()
+                for o in optimizers.values():
+                    o.zero_grad(set_to_none=True)
+            for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
         done = step + 1
         run.log(done, {**sums, "tau": out.tau.mean().item(), "lr": common.lr_at(step, cfg)})
@@ -244,7 +262,8 @@ def train(cfg: Stage2Config, perceptual: nn.Module | None = None) -> Path:
     run.close()
     final = Path(cfg.out) / FINAL_DIR
     if run.acc.is_main_process:
-        checkpoint.save(model, final, extra={"training": {"stage": 2, "steps": cfg.max_steps}})
+        checkpoint.save(model, final, embed_base=True if cfg.embed_base else None,
+                        extra={"training": {"stage": 2, "steps": cfg.max_steps}})
         run.info(f"wrote {final}")
     run.acc.wait_for_everyone()
     return final
