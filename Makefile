@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all venv clean
+.PHONY: demo test test-all venv clean
 
 venv: $(STAMP)
 
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: export the bundled checkpoint (weights/tiny) to ONNX, restore a JPEG (QF 10) of
+# scikit-image's astronaut photo with the torch-free runtime, write out/demo/.
+demo: $(STAMP)
+	$(PY) -m demo
+
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
@@ -21,4 +26,4 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info out/demo engines/tiny

@@ -1,0 +1,46 @@
+"""`sodiff-demo`: thin CLI over `demo.core.run_demo`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .core import PHOTOS, DemoOptions, run_demo, summary
+
+_DEFAULTS = DemoOptions()
+
+
+@click.command(help="Compress a real photo as JPEG, export the bundled SODiff checkpoint to "
+               "ONNX, restore the JPEG with the torch-free runtime, and write the restored "
+               "image and a side-by-side comparison (JPEG | restored | original).")
+@click.option("--image", default=_DEFAULTS.image, show_default=True,
+              help=f"a scikit-image photo ({', '.join(PHOTOS)}) or a clean image file")
+@click.option("--qf", default=_DEFAULTS.qf, show_default=True, type=click.IntRange(1, 100),
+              help="JPEG quality factor of the compressed input")
+@click.option("--out", default=str(_DEFAULTS.out), show_default=True,
+              help="folder for the JPEG, the restored image and the comparison")
+@click.option("--engine", default=str(_DEFAULTS.engine), show_default=True,
+              help="engine dir to (re)export into; unchanged components are reused")
+@click.option("--checkpoint", default=None,
+              help="SODiff checkpoint folder [default: the bundled weights/tiny]")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+              help="onnxruntime threads (0: onnxruntime decides)")
+def main(image: str, qf: int, out: str, engine: str, checkpoint: str | None,
+         threads: int) -> None:
+    from export.errors import ExportError
+    from runtime.errors import BackendError, EngineDirError, ImageError
+
+    opts = DemoOptions(image, qf, Path(out), Path(engine),
+                       Path(checkpoint) if checkpoint else None, threads)
+    try:
+        result = run_demo(opts)
+    except (ExportError, EngineDirError, BackendError, ImageError, ValueError, RuntimeError,
+            OSError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(getattr(e, "exit_code", 1))
+    click.echo(summary(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The main job (`make demo` / `sodiff-demo`): crops, the comparison sheet, options, and the
+bundled checkpoint restoring a real photo end to end through the ONNX runtime."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from demo import figure
+from demo.cli import main
+from demo.core import DemoOptions, run_demo, summary, validate_options
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "weights" / "tiny"
+
+
+def test_worst_crops_find_the_damage_without_overlap():
+    rng = np.random.default_rng(0)
+    original = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    jpeg = original.copy()
+    jpeg[40:56, 72:88] = 0     # the worst damage
+    jpeg[8:16, 8:16] = 255 - jpeg[8:16, 8:16]  # milder, elsewhere
+    crops = figure.worst_crops(jpeg, original, n=2, side=16)
+    assert crops[0] == (40, 72)
+    y, x = crops[1]  # any 16 px window holding the whole 8x8 patch scores the same
+    assert y <= 8 <= y + 8 and x <= 8 <= x + 8
+    assert all(y % 8 == 0 and x % 8 == 0 for y, x in crops)
+
+
+def test_comparison_sheet_layout():
+    img = np.zeros((100, 200, 3), np.uint8)
+    sheet = figure.comparison([("a", img), ("b", img + 50), ("c", img + 100)], [(0, 0), (0, 100)])
+    panel_h = round(100 * figure.PANEL / 200)
+    assert sheet.size == (3 * figure.PANEL,
+                          figure.LABEL_H + panel_h + 2 * figure.CROP * figure.ZOOM)
+    # the second crop row of column b is b's pixels, zoomed
+    y = figure.LABEL_H + panel_h + figure.CROP * figure.ZOOM + 10
+    assert sheet.getpixel((figure.PANEL + 10, y)) == (50, 50, 50)
+
+
+@pytest.mark.parametrize("kw, needle", [(dict(qf=0), "qf=0"), (dict(image="nope"), "nope")])
+def test_bad_options_are_named(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        validate_options(DemoOptions(**kw))
+
+
+def test_cli_error_is_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["--image", str(tmp_path / "missing.png"),
+                                       "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "missing.png" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+needs_bundled = pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(),
+                                   reason="the bundled checkpoint weights/tiny is absent")
+
+
+@needs_bundled
+def test_bundled_checkpoint_is_small_and_self_contained():
+    from sodiff import checkpoint
+
+    meta = checkpoint.read_meta(BUNDLED)
+    assert meta["base"] == "embedded" and meta["config"]["name"] == "tiny-full"
+    assert sum(f.stat().st_size for f in BUNDLED.iterdir()) <= 20 * 2**20
+    model = checkpoint.load(BUNDLED)  # no --base: everything is in the folder
+    assert model.cfg.lora is None and model.cfg.vae_class == "AutoencoderTiny"
+
+
+@needs_bundled
+def test_bundled_model_restores_a_real_photo(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    result = run_demo(DemoOptions(image="chelsea", qf=10, out=tmp_path / "out",
+                                  engine=tmp_path / "engine", threads=2), log=lambda m: None)
+    j, r = result.metrics["jpeg"], result.metrics["restored"]
+    assert r["psnr"] > j["psnr"] and r["psnr_b"] > j["psnr_b"], result.metrics
+    restored = np.asarray(Image.open(result.files["restored"]))
+    assert restored.shape == (300, 451, 3)
+    with Image.open(result.files["jpeg"]) as im:
+        assert im.format == "JPEG" and im.size == (451, 300)
+    with Image.open(result.files["comparison"]) as im:
+        assert im.width == 3 * figure.PANEL
+    text = summary(result)
+    assert "PSNR-B" in text and "unet" in text and str(result.files["comparison"]) in text
