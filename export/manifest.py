@@ -47,11 +47,11 @@ def source_hash(parts: dict[str, Any]) -> str:
 def check_out_dir(out: Path) -> None:
     """An output folder is new, empty, or holds only what an export writes."""
     if out.exists() and not out.is_dir():
-        raise OutputDirError(f"--out {out} is a file, not a folder")
+        raise OutputDirError(f"output folder {out} is a file, not a folder")
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if not _OURS.match(p.name))
         if foreign:
-            raise OutputDirError(f"--out {out} holds files that are not from sodiff-export "
+            raise OutputDirError(f"output folder {out} holds files that are not from sodiff-export "
                                  f"({', '.join(foreign[:5])}); choose a new or empty folder")
 
 

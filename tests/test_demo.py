@@ -85,3 +85,14 @@ def test_bundled_model_restores_a_real_photo(tmp_path, capsys):
         assert im.width == 3 * figure.PANEL
     text = summary(result)
     assert "PSNR-B" in text and "unet" in text and str(result.files["comparison"]) in text
+
+
+def test_foreign_engine_folder_is_refused_and_kept(tmp_path):
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["--image", "chelsea", "--engine", str(engine),
+                                       "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "not from sodiff-export" in result.output
+    assert [p.name for p in engine.iterdir()] == ["notes.txt"]
+    assert not (tmp_path / "o").exists()
