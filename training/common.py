@@ -25,11 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from sodiff.config import PRESETS
+
 from .data import StreamSampler, ValImage, evaluate
 
 STATE_DIR, FINAL_DIR, LOG_DIR = "train_state", "final", "logs"
 WEIGHTS, OPTIMIZERS, META = "weights.safetensors", "optimizers.pt", "state.json"
-PAPER_CROP, TINY_CROP = 512, 64  # default crop sides (tiny: its SAIPE input side)
+PAPER_CROP = 512  # default crop side for a config that is no preset (presets: their SAIPE side)
 EXIT_DIVERGED = 3  # exit status of a run stopped by a NaN/inf loss
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -99,8 +101,9 @@ def validate_common(cfg: TrainConfig) -> list[str]:
 
 
 def with_crops(cfg: TrainConfig, preset: str) -> TrainConfig:
-    """`cfg` with unset crop sides filled in: the paper's, or a tiny preset's SAIPE size."""
-    side = TINY_CROP if preset.startswith("tiny") else PAPER_CROP
+    """`cfg` with unset crop sides filled in: the preset's SAIPE input side (512 for sd21, the
+    paper's crop; 64 for the tiny presets), or the paper's crop for any other config."""
+    side = PRESETS[preset].saipe.image_size if preset in PRESETS else PAPER_CROP
     crop = cfg.crop or side
     return dataclasses.replace(cfg, crop=crop, val_crop=cfg.val_crop or crop)
 
