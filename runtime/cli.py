@@ -34,6 +34,8 @@ EXIT_FAILED, EXIT_UNUSABLE = 1, 2
                                                          "engines' largest shape).")
 @click.option("--overlap", type=click.IntRange(min=0), help="Tile overlap in pixels "
                                                             "(default: a quarter tile).")
+@click.option("--tile-batch", type=click.IntRange(min=1), help="Tiles per encoder/UNet/decoder "
+              "call (default: the engines' largest batch, shapes.batch.max).")
 @click.option("--timestep", type=click.Choice(CHOICES_TIMESTEP), default="model",
               show_default=True, help="model: the predictor (or the dir's fixed tau); header: "
                                       "tau from the JPEG quantization tables' quality.")
@@ -45,7 +47,7 @@ EXIT_FAILED, EXIT_UNUSABLE = 1, 2
 @click.option("--report", is_flag=True, help="One JSON line per image on stdout (QF, tau, "
                                              "size, ms per stage).")
 def main(engine, inputs, output, fmt, quality, overwrite, backend, device, tile, overlap,
-         timestep, threads, max_pixels, no_verify, report):
+         tile_batch, timestep, threads, max_pixels, no_verify, report):
     """Restore JPEG-compressed images with a SODiff engine dir.
 
     INPUT: files, folders (searched recursively) and glob patterns.
@@ -67,8 +69,8 @@ def main(engine, inputs, output, fmt, quality, overwrite, backend, device, tile,
         _die("no input images found", EXIT_UNUSABLE)
     try:
         restorer = Restorer(engine, RestoreOptions(
-            backend=backend, device=device, tile=tile, overlap=overlap, timestep=timestep,
-            threads=threads, verify_hashes=not no_verify))
+            backend=backend, device=device, tile=tile, overlap=overlap, tile_batch=tile_batch,
+            timestep=timestep, threads=threads, verify_hashes=not no_verify))
     except (EngineDirError, BackendError, ValueError) as e:
         _die(str(e), EXIT_UNUSABLE)
     say = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731 - keeps the bar intact

@@ -51,6 +51,11 @@ class RestoreOptions:
     #                               from the JPEG quantization tables' quality factor
     threads: int = 0              # onnxruntime intra-op threads; 0: onnxruntime decides
     verify_hashes: bool = True    # sha256-check every model file when the dir is opened
+    tile_batch: int | None = None  # tiles per encoder/UNet/decoder call; None: the engines'
+    #                               largest batch (manifest shapes.batch.max)
+    io_binding: bool = True       # onnxruntime: chain components through IO-bound OrtValues
+    #                               that stay on the device; False: every call copies through
+    #                               the host (the plain session.run path, for comparisons)
 
 
 def validate_options(opts: RestoreOptions) -> None:
@@ -67,6 +72,11 @@ def validate_options(opts: RestoreOptions) -> None:
         problems.append(f"tile={opts.tile!r} (expected a positive number of pixels)")
     if opts.overlap is not None and (not isinstance(opts.overlap, int) or opts.overlap < 0):
         problems.append(f"overlap={opts.overlap!r} (expected pixels >= 0)")
+    if opts.tile_batch is not None and (isinstance(opts.tile_batch, bool) or not isinstance(
+            opts.tile_batch, int) or opts.tile_batch < 1):
+        problems.append(f"tile_batch={opts.tile_batch!r} (expected a positive number of tiles)")
+    if not isinstance(opts.io_binding, bool):
+        problems.append(f"io_binding={opts.io_binding!r} (expected True or False)")
     if not isinstance(opts.threads, int) or opts.threads < 0:
         problems.append(f"threads={opts.threads!r} (expected an integer >= 0)")
     if problems:

@@ -3,55 +3,81 @@
 decode -> [-1, 1] -> SAIPE prompt (image resized to saipe_size) -> tau (predictor on native
 pixels, the manifest's fixed value, or the JPEG header's QF) -> per tile: pad bottom/right,
 VAE encoder, UNet, VAE decoder, crop -> feathered blend -> uint. The prompt and tau are computed
-once per image; tiles stream through a band of rows, so memory beyond the input and output
-arrays does not grow with the image.
+once per image; tiles go to the engines in batches (`tile_batch`, runtime/tiles.py) and blend
+through a band of rows, so memory beyond the input and output arrays does not grow with the
+image. Between the encoder, UNet and decoder the latents stay on the device (IO binding).
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .backends import open_engines
-from .config import JPEG_BLOCK, LUMA, RestoreOptions, validate_options
+from .backends import Component, Tensor, open_engines
+from .config import JPEG_BLOCK, RestoreOptions, validate_options
 from .geometry import Geometry, plan_geometry
 from .manifest import Manifest, read_manifest
 from .resize import resize_rows
-from .tiling import axis_weights, crop_starts, tile_starts
+from .tiles import (SCALES, Band, Layout, Source, TileJob, batch_limits, in_batches, pad_batch,
+                    pad_bottom_right, plan_layout, plan_tile_batch, tile_jobs)
+from .tiling import crop_starts
 
 STAGES = ("saipe", "predictor", "vae_encoder", "unet", "vae_decoder")
-SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+__all__ = ["Restorer", "pad_bottom_right"]
 
 
-def pad_bottom_right(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
-    """Pad [..., H, W] bottom/right: reflect, or edge (replicate) when a pad is not shorter than
-    its side -- sodiff.model.pad_reflect's rule, so the JPEG grid stays put."""
-    if not ph and not pw:
-        return x
-    mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "edge"
-    return np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)], mode=mode)
+@dataclass
+class _Image:
+    """One image of a restore call, from its input to its restored output."""
+
+    src: Source                   # float views of the colour part
+    out: np.ndarray               # the output (alpha already copied)
+    dest: np.ndarray              # its colour part, written a band of rows at a time
+    prompt: np.ndarray            # [1, 77, D] float32, SAIPE's, computed once
+    tau: float                    # the timestep, computed once
+    layout: Layout                # its tiles
+    info: dict                    # tau's source and the QFs, for restore_info
+    band: Band | None = None      # the blending band while its tiles are in flight
+    done: int = 0                 # tiles blended so far
+
+    def block(self, job: TileJob) -> np.ndarray:
+        lay = self.layout
+        return self.src.block(lay.ys[job.iy], lay.xs[job.ix], lay.th, lay.tw)
+
+    def blend(self, job: TileJob, tile: np.ndarray) -> None:
+        if self.band is None:
+            self.band = Band(self.layout, self.dest, self.src.h, self.src.w)
+        self.band.add(job.iy, job.ix, tile)
+        self.done += 1
+        if self.done == self.layout.count:
+            self.band = None  # written out; free it before the next image's tiles
 
 
-class _Source:
-    """Float [-1, 1] views of parts of a uint image (grey is broadcast to RGB on read)."""
+class _Conditioning:
+    """The UNet's prompt (and timestep) rows for a batch of tiles, uploaded only when the
+    batch's images change: for one image's tiles, once per image and batch size, and they
+    stay on the device across the batches."""
 
-    def __init__(self, colour: np.ndarray):
-        self.a, self.h, self.w = colour, colour.shape[0], colour.shape[1]
-        self.half = np.float32(SCALES[colour.dtype] / 2)
+    def __init__(self, unet: Component, predicted: bool):
+        self.unet, self.predicted = unet, predicted
+        self.key: tuple | None = None
+        self.feeds: dict[str, Tensor] = {}
 
-    def rows(self, y0: int, y1: int) -> np.ndarray:
-        """[r, W, 3] float32."""
-        part = self.a[y0:y1].astype(np.float32) / self.half - np.float32(1)
-        return part if part.ndim == 3 else np.repeat(part[..., None], 3, axis=2)
-
-    def block(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """[1, 3, h, w] float32 of the region at (y, x), padded where it passes the image."""
-        part = self.a[y:min(y + h, self.h), x:min(x + w, self.w)]
-        chw = part.astype(np.float32) / self.half - np.float32(1)
-        chw = np.repeat(chw[None], 3, axis=0) if chw.ndim == 2 else chw.transpose(2, 0, 1)
-        return pad_bottom_right(chw, h - chw.shape[1], w - chw.shape[2])[None]
+    def __call__(self, owners: list[_Image], n: int) -> dict[str, Tensor]:
+        owners = owners + owners[-1:] * (n - len(owners))  # rows of a padded batch
+        key = tuple(id(o) for o in owners)
+        if key != self.key:
+            self.feeds = {"prompt": self.unet.put(
+                "prompt", np.concatenate([o.prompt for o in owners]))}
+            if self.predicted:
+                self.feeds["timestep"] = self.unet.put(
+                    "timestep", np.array([o.tau for o in owners], np.float32))
+            self.key = key
+        return self.feeds
 
 
 def _split_alpha(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -85,6 +111,8 @@ class Restorer:
         self.options = opts
         self.manifest: Manifest = read_manifest(engine_dir, opts.verify_hashes)
         self.geometry: Geometry = plan_geometry(self.manifest, opts)
+        self.tile_batch = plan_tile_batch(opts, self.manifest)  # before loading anything
+        self._least = batch_limits(self.manifest)[0]
         if opts.timestep == "header":
             _check_header_mode(self.manifest)
         self.engines = open_engines(self.manifest, opts)
@@ -109,9 +137,40 @@ class Restorer:
                      ) -> tuple[np.ndarray, dict]:
         """`restore`, plus a dict: tau and where it came from, the predicted QF, tile layout
         and milliseconds per stage. `progress(done, total)` is called after each tile."""
+        ms, start = dict.fromkeys(STAGES, 0.0), time.perf_counter()
+        im = self._prepare(image, qf, ms)
+        batches = self._restore_tiles([im], ms, progress)
+        ms["total"] = (time.perf_counter() - start) * 1000
+        tiles = {**im.layout.info(), "batch": self.tile_batch, "batches": batches}
+        info = {**im.info, "size": [im.src.w, im.src.h], "tiles": tiles,
+                "ms": {k: round(v, 2) for k, v in ms.items()}}
+        return im.out, info
+
+    def restore_batch(self, images: list[np.ndarray], qfs: list[int | None] | None = None
+                      ) -> list[np.ndarray]:
+        """Restore several images (each like `restore`'s); tiles of the same shape go to the
+        engines together, across images, up to `tile_batch` a call. Each image keeps its own
+        prompt and tau. `qfs`: per image, for `timestep="header"`."""
+        if not isinstance(images, (list, tuple)):
+            raise ValueError(f"restore_batch takes a list of arrays, got "
+                             f"{type(images).__name__}")
+        qfs = [None] * len(images) if qfs is None else list(qfs)
+        if len(qfs) != len(images):
+            raise ValueError(f"restore_batch: {len(qfs)} qfs for {len(images)} images")
+        ms = dict.fromkeys(STAGES, 0.0)
+        todo = [self._prepare(image, qf, ms) for image, qf in zip(images, qfs)]
+        groups: dict[tuple[int, int], list[_Image]] = {}
+        for im in todo:  # the engines batch tensors of one shape
+            groups.setdefault((im.layout.th, im.layout.tw), []).append(im)
+        for group in groups.values():
+            self._restore_tiles(group, ms, None)
+        return [im.out for im in todo]
+
+    # -- stages -----------------------------------------------------------------------------
+    def _prepare(self, image: np.ndarray, qf: int | None, ms: dict) -> _Image:
+        """Check the array, compute its prompt and tau, and make its output."""
         colour, alpha = _split_alpha(image)
-        src, ms = _Source(colour), dict.fromkeys(STAGES, 0.0)
-        start = time.perf_counter()
+        src = Source(colour)
         prompt = self._prompt(src, ms)
         tau, qf_pred, source = self._timestep(src, qf, ms)
         out = np.empty(image.shape, image.dtype)  # the only full-size array made here
@@ -119,23 +178,24 @@ class Restorer:
             out[..., -1] = alpha
         dest = out.reshape(colour.shape) if alpha is None else (
             out[..., :3] if colour.ndim == 3 else out[..., 0])
-        tiles = self._tiles(src, dest, prompt, tau, ms, progress)
-        ms["total"] = (time.perf_counter() - start) * 1000
-        info = {"tau": tau, "tau_source": source, "qf_predicted": qf_pred, "qf_header": qf,
-                "size": [src.w, src.h], "tiles": tiles, "ms": {k: round(v, 2)
-                                                                 for k, v in ms.items()}}
-        return out, info
+        info = {"tau": tau, "tau_source": source, "qf_predicted": qf_pred, "qf_header": qf}
+        return _Image(src, out, dest, prompt, tau, plan_layout(self.geometry, src.h, src.w),
+                      info)
 
-    # -- stages -----------------------------------------------------------------------------
-    def _prompt(self, src: _Source, ms: dict) -> np.ndarray:
+    def _single(self, name: str, x: np.ndarray) -> dict[str, np.ndarray]:
+        """One image through SAIPE or the predictor (padded to the engines' smallest batch)."""
+        out = self.engines[name](image=pad_batch([x], self._least))
+        return {k: v[:1] for k, v in out.items()}
+
+    def _prompt(self, src: Source, ms: dict) -> np.ndarray:
         s = self.manifest.saipe_size
         t = time.perf_counter()
         small = resize_rows(src.rows, src.h, src.w, (s, s))[None]
-        prompt = self.engines["saipe"](image=small)["prompt"]
+        prompt = self._single("saipe", small)["prompt"]
         ms["saipe"] += (time.perf_counter() - t) * 1000
         return prompt
 
-    def _timestep(self, src: _Source, qf: int | None, ms: dict
+    def _timestep(self, src: Source, qf: int | None, ms: dict
                   ) -> tuple[float, float | None, str]:
         man = self.manifest
         if not man.predicted:
@@ -152,7 +212,7 @@ class Restorer:
         ms["predictor"] += (time.perf_counter() - t) * 1000
         return tau, qf_pred, "predictor"
 
-    def _predict(self, src: _Source) -> tuple[float, float]:
+    def _predict(self, src: Source) -> tuple[float, float]:
         """The predictor on native pixels; an image larger than the engines' window is seen as
         grid-aligned crops of that window, whose taus (and QFs) are averaged."""
         g, taus, qfs = self.geometry, [], []
@@ -161,63 +221,44 @@ class Restorer:
             for x in crop_starts(src.w, wx, JPEG_BLOCK):
                 crop = src.block(y, x, wy, wx)
                 ph, pw = g.predictor_side(wy, 0) - wy, g.predictor_side(wx, 1) - wx
-                out = self.engines["predictor"](image=pad_bottom_right(crop, ph, pw))
+                out = self._single("predictor", pad_bottom_right(crop, ph, pw))
                 taus.append(float(out["timestep"].reshape(-1)[0]))
                 qfs.append(float(out["qf"].reshape(-1)[0]))
         return float(np.mean(taus)), float(np.mean(qfs))
 
-    def _one_tile(self, block: np.ndarray, prompt: np.ndarray, tau: float, ms: dict
-                  ) -> np.ndarray:
+    def _restore_tiles(self, images: list[_Image], ms: dict,
+                       progress: Callable[[int, int], None] | None) -> int:
+        """Every tile of `images` (one tile shape) in raster order, `tile_batch` at a time,
+        blended into each image's output; returns the number of batches."""
+        jobs = chain.from_iterable(tile_jobs(i, im.layout) for i, im in enumerate(images))
+        conditioning, batches = _Conditioning(self.engines["unet"], self.manifest.predicted), 0
+        for batch in in_batches(jobs, self.tile_batch):
+            owners = [images[j.image] for j in batch]
+            tiles = self._batch([o.block(j) for o, j in zip(owners, batch)], owners,
+                                conditioning, ms)
+            for job, owner, tile in zip(batch, owners, tiles):
+                owner.blend(job, tile)
+                if progress is not None:
+                    progress(owner.done, owner.layout.count)
+            batches += 1
+        return batches
+
+    def _batch(self, blocks: list[np.ndarray], owners: list[_Image],
+               conditioning: _Conditioning, ms: dict) -> np.ndarray:
+        """Encoder, UNet and decoder on a batch of tiles; the latents stay on the device and
+        only the restored tiles come back: [N, 3, th, tw] float32 in [-1, 1]."""
         e, t0 = self.engines, time.perf_counter()
-        latent = e["vae_encoder"](image=block)["latent"]
+        x = pad_batch(blocks, self._least)
+        enc, unet, dec = e["vae_encoder"], e["unet"], e["vae_decoder"]
+        latent = enc.run(image=enc.put("image", x))["latent"]
         t1 = time.perf_counter()
-        feeds = {"latent": latent, "prompt": prompt}
-        if self.manifest.predicted:
-            feeds["timestep"] = np.array([tau], np.float32)
-        clean = e["unet"](**feeds)["clean_latent"]
+        clean = unet.run(latent=latent, **conditioning(owners, len(x)))["clean_latent"]
         t2 = time.perf_counter()
-        out = e["vae_decoder"](clean_latent=clean)["image"][0]
+        out = dec.fetch(dec.run(clean_latent=clean)["image"])[:len(blocks)]
         t3 = time.perf_counter()
         for name, a, b in (("vae_encoder", t0, t1), ("unet", t1, t2), ("vae_decoder", t2, t3)):
             ms[name] += (b - a) * 1000
         return np.clip(out, -1.0, 1.0, out=out)
-
-    def _tiles(self, src: _Source, out: np.ndarray, prompt: np.ndarray, tau: float,
-               ms: dict, progress: Callable[[int, int], None] | None) -> dict:
-        """Restore tile by tile into `out` (a view shaped like the colour part)."""
-        g, h, w = self.geometry, src.h, src.w
-        th = g.fit(h, 0) if h <= g.tile[0] else g.tile[0]
-        tw = g.fit(w, 1) if w <= g.tile[1] else g.tile[1]
-        ys, xs = tile_starts(h, th, g.overlap, g.align), tile_starts(w, tw, g.overlap, g.align)
-        wys, wxs = axis_weights(ys, th, h), axis_weights(xs, tw, w)
-        band = np.zeros((3, th, w), np.float32)  # rows [top, top + th) still being blended
-        top = 0
-        for iy, y in enumerate(ys):
-            for ix, x in enumerate(xs):
-                tile = self._one_tile(src.block(y, x, th, tw), prompt, tau, ms)
-                vh, vw = wys[iy].size, wxs[ix].size
-                band[:, :vh, x:x + vw] += tile[:, :vh, :vw] * (wys[iy][:, None] * wxs[ix][None])
-                if progress is not None:
-                    progress(iy * len(xs) + ix + 1, len(ys) * len(xs))
-            done = ys[iy + 1] if iy + 1 < len(ys) else h
-            out[top:done] = _to_uint(band[:, :done - top], out)
-            band[:, :th - (done - top)] = band[:, done - top:]  # numpy buffers the overlap
-            band[:, th - (done - top):] = 0
-            top = done
-        return {"count": len(ys) * len(xs), "tile": [th, tw], "grid": [len(ys), len(xs)]}
-
-
-def _to_uint(chw: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """[3, r, W] in [-1, 1] -> [r, W, 3] (or [r, W] luma for grey) of `like`'s dtype, rounded
-    like the PyTorch reference: round((x + 1) * max / 2), clipped."""
-    if like.ndim == 2:
-        chw = sum(np.float32(c) * chw[i] for i, c in enumerate(LUMA))[None]
-    top = SCALES[like.dtype]
-    v = chw + np.float32(1)  # the one temporary: the rest works in place
-    v *= np.float32(top / 2)
-    np.rint(v, out=v)
-    v = np.clip(v, 0, top, out=v).astype(like.dtype)
-    return v[0] if like.ndim == 2 else v.transpose(1, 2, 0)
 
 
 def _check_header_mode(man: Manifest) -> None:

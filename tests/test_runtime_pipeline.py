@@ -7,7 +7,7 @@ import pytest
 
 from fixtures.runtime_engines import identity_engine
 from runtime import Restorer
-from runtime.backends import Component
+from runtime.backends import Component, host_tensor
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,10 @@ def test_channels_alpha_and_16_bit(dirs, shape, dtype):
 class _BlackDecoder:
     """Stands in for the decoder: every pixel black, so only the alpha can survive."""
 
-    def __call__(self, **feeds):
-        return {"image": np.full_like(feeds["clean_latent"], -1.0)}
+    fetch = staticmethod(Component.fetch)
+
+    def run(self, **feeds):
+        return {"image": host_tensor(np.full(feeds["clean_latent"].shape, -1.0, np.float32))}
 
     def close(self):
         pass
@@ -78,13 +80,16 @@ def test_fp16_static_engine_pads_small_images_and_tiles_large_ones(dirs):
 
 def test_prompt_and_tau_are_computed_once_per_image(dirs, monkeypatch):
     calls = {}
-    real = Component.__call__
 
-    def counting(self, **feeds):
-        calls[self.spec.name] = calls.get(self.spec.name, 0) + 1
-        return real(self, **feeds)
+    def counted(real):
+        def counting(self, **feeds):
+            calls[self.spec.name] = calls.get(self.spec.name, 0) + 1
+            return real(self, **feeds)
+        return counting
 
-    monkeypatch.setattr(Component, "__call__", counting)
+    # SAIPE and the predictor take numpy (__call__); tiles go the device-resident way (run).
+    monkeypatch.setattr(Component, "__call__", counted(Component.__call__))
+    monkeypatch.setattr(Component, "run", counted(Component.run))
     with Restorer(dirs["dyn"], tile=32, overlap=8) as r:
         _, info = r.restore_info(rand((100, 70, 3)))
     assert calls["saipe"] == 1

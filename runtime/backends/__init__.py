@@ -4,11 +4,18 @@
 when the input shapes change (TensorRT: device buffers sized once for the largest shape, then
 reused), `infer(feeds)` any number of times, `close()` to free everything. `Component` wraps a
 backend with the manifest's dtypes, so callers always pass and get float32 numpy arrays.
+
+The device-resident path (`Component.put`, `run`, `fetch`) passes `Tensor`s instead: on a
+backend that binds (onnxruntime IO binding) they are OrtValues on the backend's device, so one
+component's output feeds the next without visiting the host; elsewhere they are host arrays in
+the component's dtype and the path is `infer` underneath.
 """
 from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -19,10 +26,34 @@ from ..manifest import ComponentSpec, Manifest
 GPU_EXTRA = "pip install 'sodiff[gpu]' (never together with the runtime extra)"
 
 
+@dataclass(frozen=True)
+class Tensor:
+    """A component input or output between calls."""
+
+    value: Any                    # np.ndarray (host path) or an onnxruntime OrtValue (bound)
+    dtype: np.dtype               # its element type: the graph's, never silently float32
+    shape: tuple[int, ...]
+    stable: bool = False          # memory that lives as long as its backend (a fixed-io
+    #                               buffer): safe to bind by address for a CUDA graph
+
+    @property
+    def on_host(self) -> bool:
+        return isinstance(self.value, np.ndarray)
+
+    def to_host(self) -> np.ndarray:
+        """A host copy (an OrtValue's numpy() is a view of memory the next run overwrites)."""
+        return np.array(self.value if self.on_host else self.value.numpy(), copy=True)
+
+
+def host_tensor(array: np.ndarray) -> Tensor:
+    return Tensor(array, array.dtype, tuple(array.shape))
+
+
 class Backend(ABC):
     """One component's model on one execution engine."""
 
     name = "backend"
+    binds = False                 # True: upload/run_bound/download keep tensors on the device
 
     def __init__(self, spec: ComponentSpec):
         self.spec = spec
@@ -43,23 +74,70 @@ class Backend(ABC):
     def close(self) -> None:
         """Free sessions, engines and buffers; the backend is unusable afterwards."""
 
+    # The device-resident path, for backends with `binds = True`.
+    def upload(self, name: str, array: np.ndarray) -> Tensor:
+        """`array` (already in the input's dtype) on the device, for input `name`."""
+        raise NotImplementedError(f"{self.name} has no device-resident path")
+
+    def run_bound(self, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Run once on device tensors (from `upload` or an upstream output); outputs stay on
+        the device until the next run of this backend overwrites them."""
+        raise NotImplementedError(f"{self.name} has no device-resident path")
+
 
 class Component:
-    """A loaded component: casts float32 <-> the manifest's dtypes and tracks input shapes."""
+    """A loaded component: casts float32 <-> the manifest's dtypes and tracks input shapes.
 
-    def __init__(self, spec: ComponentSpec, backend: Backend):
+    `comp(**arrays)` is the float32 numpy contract. `put`/`run`/`fetch` is the device-resident
+    path the pipeline chains; `resident=False` (or a backend that cannot bind) runs it through
+    the host with the same results.
+    """
+
+    def __init__(self, spec: ComponentSpec, backend: Backend, resident: bool = True):
         self.spec, self.backend = spec, backend
+        self.resident = resident and backend.binds
         self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self.hops = 0  # inputs that had to go through the host (another dtype or device)
 
     def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         arrays = {k: np.ascontiguousarray(v, dtype=self._dtypes[k]) for k, v in feeds.items()}
+        out = self._infer(arrays)
+        return {k: v.astype(np.float32, copy=False) for k, v in out.items()}
+
+    def _infer(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shapes = {k: v.shape for k, v in arrays.items()}
         if shapes != self._shapes:
             self.backend.allocate(shapes)
             self._shapes = shapes
-        out = self.backend.infer(arrays)
-        return {k: v.astype(np.float32, copy=False) for k, v in out.items()}
+        return self.backend.infer(arrays)
+
+    def put(self, name: str, array: np.ndarray) -> Tensor:
+        """Input `name` from host data: cast to its dtype here, then uploaded (once)."""
+        a = np.ascontiguousarray(array, dtype=self._dtypes[name])
+        return self.backend.upload(name, a) if self.resident else host_tensor(a)
+
+    def run(self, **feeds: Tensor) -> dict[str, Tensor]:
+        """Run on tensors from `put` or another component's `run`; outputs stay where they
+        were made. A tensor of another dtype, or from the other side of the bus, is converted
+        through the host (counted in `hops`)."""
+        feeds = {k: self._adopt(k, t) for k, t in feeds.items()}
+        if self.resident:
+            return self.backend.run_bound(feeds)
+        out = self._infer({k: t.value for k, t in feeds.items()})
+        return {k: host_tensor(v) for k, v in out.items()}
+
+    def _adopt(self, name: str, t: Tensor) -> Tensor:
+        if t.dtype == self._dtypes[name] and t.on_host != self.resident:
+            return t
+        if t.dtype != self._dtypes[name] or not t.on_host:
+            self.hops += 1
+        return self.put(name, t.to_host())
+
+    @staticmethod
+    def fetch(t: Tensor) -> np.ndarray:
+        """A float32 host copy of a tensor from `run`."""
+        return t.to_host().astype(np.float32, copy=False)
 
     def close(self) -> None:
         self.backend.close()
@@ -134,20 +212,24 @@ def open_engines(manifest: Manifest, opts: RestoreOptions) -> Engines:
         stream = TrtStream()
         shared, make = [stream], lambda spec: TrtBackend(spec, stream)
     else:
-        from .ort import OrtBackend, providers_for
-        providers = providers_for(opts.device)
-        shared, make = [], lambda spec: OrtBackend(spec, providers, opts.threads)
+        from .ort import OrtBackend, OrtConfig, providers_for
+        # Static dirs bind pre-allocated buffers (and capture CUDA graphs on CUDA); only with
+        # IO binding, since a graph replays bound addresses.
+        config = OrtConfig(providers=tuple(providers_for(opts.device)), threads=opts.threads,
+                           fixed_io=manifest.static and opts.io_binding,
+                           vae_factor=manifest.vae_factor)
+        shared, make = [], lambda spec: OrtBackend(spec, config)
     engines = Engines(kind, {}, shared)
     try:
         for name, spec in manifest.components.items():
             backend = make(spec)
             backend.load()
-            engines.components[name] = Component(spec, backend)
+            engines.components[name] = Component(spec, backend, resident=opts.io_binding)
     except BaseException:
         engines.close()
         raise
     return engines
 
 
-__all__ = ["Backend", "BackendError", "Component", "Engines", "check_machine", "installed",
-           "open_engines", "resolve_backend"]
+__all__ = ["Backend", "BackendError", "Component", "Engines", "Tensor", "check_machine",
+           "installed", "open_engines", "resolve_backend"]

@@ -1,0 +1,181 @@
+"""Tiles of images, in batches: reading them as float blocks, the layout of an image's tiles,
+the band of rows that blends restored tiles back, and how many tiles go to the engines at once.
+
+Batches follow the tiles in raster order and may span rows (and, in `restore_batch`, images of
+the same tile shape). That keeps the memory bound: the tiles in flight are at most one batch
+(`tile_batch` blocks in and out), and each image blends into one band of a tile's height, which
+is written out and reused as soon as a row is complete. Nothing grows with the image. Raster
+order also keeps the additions into the band in the same order as one tile at a time, so
+batching changes nothing but the engines' own batch arithmetic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .config import LUMA, RestoreOptions
+from .errors import EngineDirError
+from .geometry import Geometry
+from .manifest import Manifest
+from .tiling import axis_weights, tile_starts
+
+SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+def pad_bottom_right(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
+    """Pad [..., H, W] bottom/right: reflect, or edge (replicate) when a pad is not shorter than
+    its side -- sodiff.model.pad_reflect's rule, so the JPEG grid stays put."""
+    if not ph and not pw:
+        return x
+    mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "edge"
+    return np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)], mode=mode)
+
+
+class Source:
+    """Float [-1, 1] views of parts of a uint image (grey is broadcast to RGB on read)."""
+
+    def __init__(self, colour: np.ndarray):
+        self.a, self.h, self.w = colour, colour.shape[0], colour.shape[1]
+        self.half = np.float32(SCALES[colour.dtype] / 2)
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        """[r, W, 3] float32."""
+        part = self.a[y0:y1].astype(np.float32) / self.half - np.float32(1)
+        return part if part.ndim == 3 else np.repeat(part[..., None], 3, axis=2)
+
+    def block(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """[1, 3, h, w] float32 of the region at (y, x), padded where it passes the image."""
+        part = self.a[y:min(y + h, self.h), x:min(x + w, self.w)]
+        chw = part.astype(np.float32) / self.half - np.float32(1)
+        chw = np.repeat(chw[None], 3, axis=0) if chw.ndim == 2 else chw.transpose(2, 0, 1)
+        return pad_bottom_right(chw, h - chw.shape[1], w - chw.shape[2])[None]
+
+
+def to_uint(chw: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """[3, r, W] in [-1, 1] -> [r, W, 3] (or [r, W] luma for grey) of `like`'s dtype, rounded
+    like the PyTorch reference: round((x + 1) * max / 2), clipped."""
+    if like.ndim == 2:
+        chw = sum(np.float32(c) * chw[i] for i, c in enumerate(LUMA))[None]
+    top = SCALES[like.dtype]
+    v = chw + np.float32(1)  # the one temporary: the rest works in place
+    v *= np.float32(top / 2)
+    np.rint(v, out=v)
+    v = np.clip(v, 0, top, out=v).astype(like.dtype)
+    return v[0] if like.ndim == 2 else v.transpose(1, 2, 0)
+
+
+# -- batch size ------------------------------------------------------------------------------
+def batch_limits(manifest: Manifest) -> tuple[int, int]:
+    """(min, max) batch the engines take (manifest shapes.batch; absent: 1, 1)."""
+    b = manifest.raw.get("shapes", {}).get("batch") or {"min": 1, "max": 1}
+    try:
+        lo, hi = b["min"], b["max"]
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (lo, hi))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok or lo > hi:
+        raise EngineDirError(f"engine dir {manifest.root}: shapes.batch={b!r} must hold positive "
+                             f"integers min <= max; re-export the dir with sodiff-export")
+    return lo, hi
+
+
+def plan_tile_batch(opts: RestoreOptions, manifest: Manifest) -> int:
+    """Tiles per engine call: `opts.tile_batch`, or the engines' largest batch."""
+    lo, hi = batch_limits(manifest)
+    n = hi if opts.tile_batch is None else opts.tile_batch
+    if n > hi:
+        raise ValueError(f"--tile-batch {n} is above the engines' largest batch {hi} (shapes."
+                         f"batch.max of {manifest.root}); use at most {hi}, or re-export with "
+                         f"sodiff-export --batch 1:{n}:{n}")
+    if n < lo:
+        raise ValueError(f"--tile-batch {n} is below the engines' smallest batch {lo} (shapes."
+                         f"batch.min of {manifest.root}); use at least {lo}")
+    return n
+
+
+# -- layout and blending ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """Where an image's tiles go."""
+
+    th: int                       # tile height fed to the encoder
+    tw: int                       # tile width
+    ys: tuple[int, ...]           # tile row starts
+    xs: tuple[int, ...]           # tile column starts
+    wys: tuple[np.ndarray, ...]   # per tile row, its blend weights over the rows it covers
+    wxs: tuple[np.ndarray, ...]   # per tile column, the same over columns
+
+    @property
+    def count(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    def info(self) -> dict:
+        return {"count": self.count, "tile": [self.th, self.tw],
+                "grid": [len(self.ys), len(self.xs)]}
+
+
+def plan_layout(g: Geometry, h: int, w: int) -> Layout:
+    th = g.fit(h, 0) if h <= g.tile[0] else g.tile[0]
+    tw = g.fit(w, 1) if w <= g.tile[1] else g.tile[1]
+    ys, xs = tile_starts(h, th, g.overlap, g.align), tile_starts(w, tw, g.overlap, g.align)
+    return Layout(th, tw, tuple(ys), tuple(xs), tuple(axis_weights(ys, th, h)),
+                  tuple(axis_weights(xs, tw, w)))
+
+
+class Band:
+    """Blends an image's restored tiles, given in raster order, into `out` (a view shaped like
+    the colour part), a band of one tile's height at a time."""
+
+    def __init__(self, layout: Layout, out: np.ndarray, h: int, w: int):
+        self.lay, self.out, self.h = layout, out, h
+        self.band = np.zeros((3, layout.th, w), np.float32)  # rows [top, top + th) in progress
+        self.top = 0
+
+    def add(self, iy: int, ix: int, tile: np.ndarray) -> None:
+        lay, x = self.lay, self.lay.xs[ix]
+        wy, wx = lay.wys[iy], lay.wxs[ix]
+        self.band[:, :wy.size, x:x + wx.size] += tile[:, :wy.size, :wx.size] * (wy[:, None] * wx)
+        if ix == len(lay.xs) - 1:
+            self._row_done(iy)
+
+    def _row_done(self, iy: int) -> None:
+        lay, band, top = self.lay, self.band, self.top
+        done = lay.ys[iy + 1] if iy + 1 < len(lay.ys) else self.h
+        self.out[top:done] = to_uint(band[:, :done - top], self.out)
+        band[:, :lay.th - (done - top)] = band[:, done - top:]  # numpy buffers the overlap
+        band[:, lay.th - (done - top):] = 0
+        self.top = done
+
+
+@dataclass(frozen=True)
+class TileJob:
+    image: int                    # which image of the call the tile belongs to
+    iy: int                       # tile row
+    ix: int                       # tile column
+
+
+def tile_jobs(image: int, layout: Layout) -> Iterator[TileJob]:
+    for iy in range(len(layout.ys)):
+        for ix in range(len(layout.xs)):
+            yield TileJob(image, iy, ix)
+
+
+def in_batches(jobs: Iterable[TileJob], size: int) -> Iterator[list[TileJob]]:
+    """Consecutive runs of at most `size` jobs (the stream is read lazily)."""
+    batch: list[TileJob] = []
+    for job in jobs:
+        batch.append(job)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def pad_batch(blocks: list[np.ndarray], least: int) -> np.ndarray:
+    """[N, ...] of the blocks, repeating the last up to `least` rows (engines whose smallest
+    batch is above N); the repeats' outputs are dropped."""
+    return np.concatenate(blocks + blocks[-1:] * max(0, least - len(blocks)), axis=0)
+
