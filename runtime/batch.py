@@ -120,6 +120,19 @@ def process(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = Non
             "mode": img.mode, "format": img.format, **info, "ms": ms}
 
 
+def attempt(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = None) -> dict:
+    """`process`, but a failure becomes its report line (ok: False, error: one line) instead
+    of an exception: what every front end (sodiff-run, sodiff-batch's workers) reports."""
+    try:
+        if job.error:
+            raise ImageError(job.error)
+        return process(restorer, job, opts, tiles)
+    except (ImageError, BackendError, ValueError, OSError) as e:
+        return failure_line(job, str(e))
+    except Exception as e:  # noqa: BLE001 - one broken image must not stop the batch
+        return failure_line(job, f"internal error ({type(e).__name__}: {e})")
+
+
 def run_batch(restorer, jobs: list[Job], opts: BatchOptions, report: TextIO | None,
               say: Callable[[str], None], progress: Callable | None = None,
               tiles: Callable | None = None) -> Summary:
@@ -129,15 +142,12 @@ def run_batch(restorer, jobs: list[Job], opts: BatchOptions, report: TextIO | No
     summary = Summary()
     bar = progress(total=len(jobs)) if progress else None
     for job in jobs:
-        try:
-            if job.error:
-                raise ImageError(job.error)
-            line = process(restorer, job, opts, tiles)
+        line = attempt(restorer, job, opts, tiles)
+        if line["ok"]:
             summary.done += 1
-        except (ImageError, BackendError, ValueError, OSError) as e:
-            line = _failure(job, str(e), summary, say)
-        except Exception as e:  # noqa: BLE001 - one broken image must not stop the batch
-            line = _failure(job, f"internal error ({type(e).__name__}: {e})", summary, say)
+        else:
+            summary.failed.append((line["input"], line["error"]))
+            say(f"error: {line['error']}")
         if report is not None:
             report.write(json.dumps(line) + "\n")
             report.flush()
@@ -148,10 +158,9 @@ def run_batch(restorer, jobs: list[Job], opts: BatchOptions, report: TextIO | No
     return summary
 
 
-def _failure(job: Job, reason: str, summary: Summary, say: Callable[[str], None]) -> dict:
+def failure_line(job: Job, reason: str) -> dict:
+    """The report line of a failed job; `reason` cut to one line that starts with the input."""
     reason = reason.splitlines()[0] if reason else "unknown error"
     if not reason.startswith(str(job.source)):
         reason = f"{job.source}: {reason}"
-    summary.failed.append((str(job.source), reason))
-    say(f"error: {reason}")
     return {"input": str(job.source), "output": None, "ok": False, "error": reason}

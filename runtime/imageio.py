@@ -56,25 +56,36 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageF
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    return _decode(path, str(path), lambda: path.stat().st_size, max_pixels)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFile:
+    """`read_image` for a file already in memory (an HTTP body, an object store's file);
+    `name` starts its error messages."""
+    return _decode(io.BytesIO(data), name, lambda: len(data), max_pixels)
+
+
+def _decode(source, name: str, size, max_pixels: int) -> ImageFile:
+    """Decode `source` (a path or a binary file object); `size()` gives its length in bytes."""
     try:
-        with _bomb_guard(max_pixels), Image.open(path) as im:
+        with _bomb_guard(max_pixels), Image.open(source) as im:
             fmt, qf, mode = im.format, estimate_quality(im), im.mode
             im.load()  # decode now: truncation and corruption surface here
             ImageOps.exif_transpose(im, in_place=True)  # no second full-size copy
             array, icc = _to_array(im, im.info.get("icc_profile"))
             exif = _exif_bytes(im)
     except UnidentifiedImageError:
-        size = path.stat().st_size
-        raise ImageError(f"{path}: not an image Pillow can read ({size} bytes"
-                         f"{', empty file' if size == 0 else ''})") from None
+        n = size()
+        raise ImageError(f"{name}: not an image Pillow can read ({n} bytes"
+                         f"{', empty file' if n == 0 else ''})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: {_bomb_message(e, max_pixels)}") from None
+        raise ImageError(f"{name}: {_bomb_message(e, max_pixels)}") from None
     except ImageError as e:
-        raise ImageError(f"{path}: {e}") from None
+        raise ImageError(f"{name}: {e}") from None
     except MemoryError:
-        raise ImageError(f"{path}: too large to decode in the available memory") from None
+        raise ImageError(f"{name}: too large to decode in the available memory") from None
     except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types on bad data
-        raise ImageError(f"{path}: truncated or corrupt image ({type(e).__name__}: "
+        raise ImageError(f"{name}: truncated or corrupt image ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     return ImageFile(array, qf, icc, exif, mode, fmt)
 
@@ -155,6 +166,23 @@ def _to_pil(array: np.ndarray, fmt: str) -> Image.Image:
     return Image.fromarray(a)
 
 
+def encode_image(f, array: np.ndarray, fmt: str, icc: bytes | None = None,
+                 exif: bytes | None = None, quality: int = DEFAULT_QUALITY) -> None:
+    """Encode `array` as Pillow format `fmt` (one of OUTPUT_FORMATS' values) into the binary
+    file object `f`, exactly as `write_image` would."""
+    _save(_to_pil(array, fmt), f, fmt, icc, exif, quality)
+
+
+def _save(im: Image.Image, f, fmt: str, icc: bytes | None, exif: bytes | None,
+          quality: int) -> None:
+    kw: dict = {k: v for k, v in (("icc_profile", icc), ("exif", exif)) if v}
+    if fmt in ("JPEG", "WEBP"):
+        kw["quality"] = quality
+    if fmt == "JPEG":
+        kw["subsampling"] = 0  # 4:4:4: keep the restored chroma
+    im.save(f, format=fmt, **kw)
+
+
 def write_image(path: str | Path, array: np.ndarray, icc: bytes | None = None,
                 exif: bytes | None = None, quality: int = DEFAULT_QUALITY,
                 overwrite: bool = False) -> None:
@@ -163,16 +191,11 @@ def write_image(path: str | Path, array: np.ndarray, icc: bytes | None = None,
     path = Path(path)
     fmt = output_format(path)
     im = _to_pil(array, fmt)
-    kw: dict = {k: v for k, v in (("icc_profile", icc), ("exif", exif)) if v}
-    if fmt in ("JPEG", "WEBP"):
-        kw["quality"] = quality
-    if fmt == "JPEG":
-        kw["subsampling"] = 0  # 4:4:4: keep the restored chroma
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            im.save(f, format=fmt, **kw)
+            _save(im, f, fmt, icc, exif, quality)
             f.flush()
             os.fsync(f.fileno())
         _publish(Path(tmp), path, overwrite)

@@ -1,0 +1,144 @@
+"""`sodiff-serve`: a thin click front end of `scale.service` (Ray Serve)."""
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from runtime.config import (CHOICES_BACKEND, CHOICES_DEVICE, CHOICES_TIMESTEP,
+                            DEFAULT_MAX_PIXELS, DEFAULT_QUALITY)
+
+from .config import (APP_NAME, DEFAULT_CPUS_PER_REPLICA, DEFAULT_HOST, DEFAULT_MAX_BATCH,
+                     DEFAULT_MAX_BYTES, DEFAULT_PORT, DEFAULT_THREADS)
+
+EXIT_UNUSABLE = 2
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engine", required=True, type=click.Path(path_type=Path),
+              help="Engine dir written by sodiff-export (the same path on every node).")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Replicas, one Restorer each.")
+@click.option("--cpus-per-replica", type=click.FloatRange(min=0), show_default=True,
+              default=DEFAULT_CPUS_PER_REPLICA, help="CPUs Ray reserves per replica.")
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0.0,
+              show_default=True, help="GPUs per replica (fractions share a GPU).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH,
+              show_default=True, help="Concurrent requests restored in one batch at most.")
+@click.option("--host", default=DEFAULT_HOST, show_default=True,
+              help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT,
+              show_default=True, help="HTTP port.")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_BYTES,
+              show_default=True, help="Request body limit (413 above it).")
+@click.option("--max-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS,
+              show_default=True, help="Decompression-bomb limit in pixels (413 above it).")
+@click.option("--quality", type=click.IntRange(1, 100), default=DEFAULT_QUALITY,
+              show_default=True, help="JPEG/WebP response quality.")
+@click.option("--address", help="An existing Ray cluster (auto, HOST:6379). Default: a local "
+                                "cluster that stops with the server.")
+@click.option("--threads", type=click.IntRange(min=0), default=DEFAULT_THREADS,
+              show_default=True, help="onnxruntime CPU threads per replica (0: it decides).")
+@click.option("--backend", type=click.Choice(CHOICES_BACKEND), default="auto",
+              show_default=True, help="As sodiff-run's.")
+@click.option("--device", type=click.Choice(CHOICES_DEVICE), default="auto",
+              show_default=True, help="onnxruntime provider (auto: CUDA when installed).")
+@click.option("--tile", type=click.IntRange(min=1), help="Tile side in pixels.")
+@click.option("--overlap", type=click.IntRange(min=0), help="Tile overlap in pixels.")
+@click.option("--timestep", type=click.Choice(CHOICES_TIMESTEP), default="model",
+              show_default=True, help="As sodiff-run's.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files.")
+def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, port,
+         max_bytes, max_pixels, quality, address, threads, backend, device, tile, overlap,
+         timestep, no_verify):
+    """Serve restoration over HTTP: POST an image to /restore[?format=png|jpg|webp], get the
+    restored image back (tau, QF and timings in X-SODiff-* and Server-Timing headers).
+    GET /healthz reports liveness. Ctrl-C (or SIGTERM) stops the server."""
+    from runtime.config import RestoreOptions
+    from runtime.errors import EngineDirError
+
+    from .cluster import ClusterError, check_engine, connect, disconnect
+
+    restore = RestoreOptions(backend=backend, device=device, tile=tile, overlap=overlap,
+                             timestep=timestep, threads=threads, verify_hashes=not no_verify)
+    try:
+        check_engine(engine, restore)
+        if address is None:
+            _check_port(host, port)
+    except (ValueError, EngineDirError, OSError) as e:
+        _die(str(e))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    owned = False
+    try:
+        owned = connect(address)
+        _start(engine, restore, replicas, cpus_per_replica, gpus_per_replica, max_batch, host,
+               port, max_bytes, max_pixels, quality)
+        click.echo(f"sodiff-serve: http://{host}:{port}  (POST /restore, GET /healthz); "
+                   f"Ctrl-C stops it", err=True)
+        stop.wait()
+        click.echo("sodiff-serve: stopping", err=True)
+    except ClusterError as e:
+        _die(str(e))
+    finally:
+        _stop()
+        if owned:
+            disconnect()
+    click.echo("sodiff-serve: stopped", err=True)
+
+
+def _start(engine, restore, replicas, cpus, gpus, max_batch, host, port, max_bytes,
+           max_pixels, quality) -> None:
+    from ray import serve
+
+    from .cluster import ClusterError
+    from .service import ServeOptions, build_app
+
+    opts = ServeOptions(max_batch=max_batch, max_bytes=max_bytes, max_pixels=max_pixels,
+                        quality=quality)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(str(engine), restore, opts, replicas, cpus, gpus),
+                  name=APP_NAME, route_prefix="/", blocking=False)
+    except Exception as e:  # noqa: BLE001 - Serve reports a replica that cannot start so
+        raise ClusterError(f"the service did not start: {_reason(e)}") from None
+
+
+def _stop() -> None:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        return
+    if ray.is_initialized():
+        serve.shutdown()
+
+
+def _reason(e: Exception) -> str:
+    """The runtime's own one-line message inside Serve's wrapped traceback, if there is one."""
+    from .job import _first_line
+
+    return _first_line(e)
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}); pass another "
+                          f"--port or --host") from None
+
+
+def _die(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_UNUSABLE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""`sodiff-serve`'s Ray Serve deployment: POST /restore (an image in, the restored image out,
+tau, QF and timings in headers), GET /healthz. Concurrent requests meet in `@serve.batch`,
+which restores the images of equal shape (so equal tiles) together.
+
+Bad input is a 400 (not an image) or 413 (body or pixel count over the limits) whose body is
+the runtime's one-line message; nothing reaches the client as a traceback.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from dataclasses import dataclass
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from runtime.config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY
+
+from .config import BATCH_WAIT_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES, HEADER_PREFIX, MEDIA_TYPES
+
+log = logging.getLogger("ray.serve")
+FORMAT_ALIASES = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    max_batch: int = DEFAULT_MAX_BATCH  # requests restored in one @serve.batch call at most
+    batch_wait_s: float = BATCH_WAIT_S  # how long a batch waits to fill
+    max_bytes: int = DEFAULT_MAX_BYTES  # request body limit (413 above it)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decoded pixel limit (413 above it); 0: none
+    quality: int = DEFAULT_QUALITY  # JPEG/WebP response quality
+
+
+class RequestError(Exception):
+    """A request the service refuses: an HTTP status and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class RestoreService:
+    """A replica: one Restorer, opened once; see the module docstring for the routes."""
+
+    def __init__(self, engine: str, restore, opts: ServeOptions):
+        from runtime import Restorer
+
+        self.restorer = Restorer(engine, restore)
+        self.opts = opts
+        self.restore_many.set_max_batch_size(opts.max_batch)
+        self.restore_many.set_batch_wait_timeout_s(opts.batch_wait_s)
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            return await self._route(request)
+        except RequestError as e:
+            return _text(e.status, str(e))
+        except Exception as e:  # noqa: BLE001 - the client gets one line, the log the rest
+            log.exception("sodiff-serve: internal error")
+            return _text(500, f"internal error ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})")
+
+    async def _route(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/") or "/"
+        routes = {"/healthz": ("GET", self._health), "/restore": ("POST", self._restore)}
+        if path not in routes:
+            raise RequestError(404, f"no route {path}; use POST /restore or GET /healthz")
+        method, handler = routes[path]
+        if request.method != method:
+            raise RequestError(405, f"{path} takes {method}, not {request.method}")
+        return await handler(request)
+
+    async def _health(self, request: Request) -> Response:
+        body = {"status": "ok", "engine": str(self.restorer.manifest.root),
+                "backend": self.restorer.backend, "max_batch": self.opts.max_batch}
+        return Response(json.dumps(body), media_type="application/json")
+
+    async def _restore(self, request: Request) -> Response:
+        from runtime.errors import ImageError
+        from runtime.imageio import decode_image
+
+        fmt = _format(request.query_params.get("format", "png"))
+        body = await read_body(request, self.opts.max_bytes)
+        check_pixels(body, self.opts.max_pixels)
+        try:
+            img = await asyncio.to_thread(decode_image, body, "request body",
+                                          self.opts.max_pixels)
+        except ImageError as e:
+            raise RequestError(400, str(e)) from None
+        result = await self.restore_many((img.array, img.qf))
+        if isinstance(result, Exception):
+            raise RequestError(400, f"request body: {str(result).splitlines()[0]}")
+        out, info, batch = result
+        data = await asyncio.to_thread(self._encode, out, fmt, img.icc, img.exif)
+        return Response(data, media_type=MEDIA_TYPES[fmt], headers=_headers(info, batch))
+
+    def _encode(self, array, fmt: str, icc, exif) -> bytes:
+        from runtime.errors import ImageError
+        from runtime.imageio import encode_image
+
+        buf = io.BytesIO()
+        try:
+            encode_image(buf, array, PIL_FORMATS[fmt], icc, exif, self.opts.quality)
+        except ImageError as e:  # e.g. alpha to JPEG
+            raise RequestError(400, f"request body: {e}; ask for ?format=png") from None
+        return buf.getvalue()
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def restore_many(self, items: list[tuple]) -> list:
+        """(array, header QF) per request -> (restored, info, batch size) or the exception
+        that image alone raised."""
+        return await asyncio.to_thread(self._restore_group, items)
+
+    def _restore_group(self, items: list[tuple]) -> list:
+        groups: dict[tuple, list[int]] = {}
+        for i, (array, _) in enumerate(items):
+            groups.setdefault((array.shape, array.dtype.str), []).append(i)
+        results: list = [None] * len(items)
+        for indices in groups.values():
+            for i in indices:
+                array, qf = items[i]
+                try:
+                    out, info = self.restorer.restore_info(array, qf)
+                    results[i] = (out, info, len(indices))
+                except (ValueError, RuntimeError) as e:
+                    results[i] = e
+        return results
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (by its Content-Length
+    when it declares one, else while it streams in)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {int(declared):,} bytes is over the limit of "
+                                f"{limit:,} (sodiff-serve --max-bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body is over the limit of {limit:,} bytes "
+                                    f"(sodiff-serve --max-bytes)")
+        chunks.append(chunk)
+    if not size:
+        raise RequestError(400, "empty request body; POST the image file as the body")
+    return b"".join(chunks)
+
+
+def check_pixels(body: bytes, max_pixels: int) -> None:
+    """413 for an image whose header declares more than `max_pixels` (decoding is left to
+    `decode_image`, which says what is wrong with anything else)."""
+    from PIL import Image
+
+    if not max_pixels:
+        return
+    try:
+        with Image.open(io.BytesIO(body)) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - not an image: decode_image's message says so
+        return
+    if w * h > max_pixels:
+        raise RequestError(413, f"request body: {w}x{h} is {w * h:,} pixels, over the limit of "
+                                f"{max_pixels:,} (sodiff-serve --max-pixels)")
+
+
+def _format(value: str) -> str:
+    fmt = FORMAT_ALIASES.get(value.lower())
+    if fmt is None:
+        raise RequestError(400, f"format={value!r}: use one of png, jpg, webp")
+    return fmt
+
+
+def _headers(info: dict, batch: int) -> dict[str, str]:
+    ms = info["ms"]
+    p = HEADER_PREFIX
+    headers = {p + "Tau": f"{info['tau']:.3f}", p + "Tau-Source": str(info["tau_source"]),
+               p + "Batch": str(batch),
+               "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in ms.items())}
+    if info.get("qf_predicted") is not None:
+        headers[p + "QF"] = f"{info['qf_predicted']:.2f}"
+    if info.get("qf_header") is not None:
+        headers[p + "QF-Header"] = str(info["qf_header"])
+    return headers
+
+
+def _text(status: int, message: str) -> Response:
+    return Response(message + "\n", status_code=status, media_type="text/plain")
+
+
+def build_app(engine: str, restore, opts: ServeOptions, replicas: int, cpus: float,
+              gpus: float):
+    """The bound Serve application: `replicas` copies of RestoreService."""
+    deployment = serve.deployment(RestoreService, name="RestoreService").options(
+        num_replicas=replicas, max_ongoing_requests=max(2 * opts.max_batch, 8),
+        ray_actor_options={"num_cpus": cpus, "num_gpus": gpus})
+    return deployment.bind(engine, restore, opts)
