@@ -55,6 +55,33 @@ def _quiet() -> None:
     logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 
 
+def drop_identity_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove Cast nodes to the dtype their input already has (the tracer emits one for every
+    `.to(dtype)`, needed or not: in a half graph, at every boundary and attention block)."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    outputs = {id(t) for t in graph.outputs}
+    dropped = 0
+    for node in list(graph.nodes):
+        if node.op == "Cast" and id(node.outputs[0]) not in outputs:
+            src, dst = node.inputs[0], node.outputs[0]
+            to = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+            if src.dtype is None or np.dtype(src.dtype) != to:
+                continue
+            for consumer in list(dst.outputs):
+                for i, t in enumerate(list(consumer.inputs)):
+                    if t is dst:
+                        consumer.inputs[i] = src
+            node.outputs.clear()
+            dropped += 1
+    if not dropped:
+        return model
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
 def cleanup(src: Path, dst: Path) -> dict:
     """Fold constants, drop dead nodes, infer shapes: `src` (a raw export, possibly with
     torch's many external files) -> `dst`. Returns counts for the progress output.
@@ -70,6 +97,7 @@ def cleanup(src: Path, dst: Path) -> dict:
     before = len(onnx.load(str(src), load_external_data=False).graph.node)
     model = fold_constants(lambda: onnx.load(str(src)), num_passes=None,
                            do_shape_inference=True, error_ok=False, copy=False)
+    model = drop_identity_casts(model)
     after = len(model.graph.node)
     data = save_model(model, dst)
     del model

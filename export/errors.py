@@ -72,28 +72,29 @@ class LintError(ExportError):
 
 @dataclass(frozen=True)
 class ParityMismatch:
-    """An ONNX output that differs from the PyTorch wrapper's by more than the tolerance."""
+    """An exported output that differs from the PyTorch wrapper's by more than the tolerance."""
 
     component: str
     output: str
     samples: str       # which sample batch ("random", "real")
     max_abs: float
     tolerance: float
+    checked_with: str = "onnxruntime-cpu"  # the runtime that ran it (or "tensorrt")
 
     def __str__(self) -> str:
-        return (f"{self.component}.{self.output} on {self.samples} inputs: max abs difference "
-                f"{self.max_abs:.3g} > tolerance {self.tolerance:.3g}")
+        return (f"{self.component}.{self.output} on {self.samples} inputs ({self.checked_with})"
+                f": max abs difference {self.max_abs:.3g} > tolerance {self.tolerance:.3g}")
 
 
 @dataclass(frozen=True)
 class RuntimeFailure:
-    """onnxruntime could not load or run a component's graph."""
+    """onnxruntime (or TensorRT) could not load or run a component's graph (or engine)."""
 
     component: str
     cause: str
 
     def __str__(self) -> str:
-        return f"{self.component}: onnxruntime failed: {self.cause}"
+        return f"{self.component}: running it failed: {self.cause}"
 
 
 class ParityError(ExportError):

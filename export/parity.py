@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ FP16_RISK_FRACTION = 0.5
 
 
 # Ops whose outputs only rearrange or copy their inputs' values: no new magnitude to check.
-_SAME_VALUES = frozenset({
+SAME_VALUES = frozenset({
     "view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze", "unsqueeze",
     "contiguous", "__getitem__", "chunk", "split", "expand", "narrow", "select", "detach",
     "clone", "cat", "stack", "pad", "roll", "pixel_shuffle", "pixel_unshuffle", "__get__",
@@ -38,8 +39,16 @@ class ActivationTracker(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") in _SAME_VALUES:
-            return out
+        if getattr(func, "__name__", "") not in SAME_VALUES:
+            self.seen(self.record(out))
+        return out
+
+    def seen(self, value: float) -> None:
+        """Called with each op's largest |value| (subclasses attribute it)."""
+
+    def record(self, out) -> float:
+        """The largest finite |value| in `out`'s float tensors; flags non-finite ones."""
+        found = 0.0
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
                 m = float(t.detach().abs().max())
@@ -48,14 +57,20 @@ class ActivationTracker(TorchFunctionMode):
                     a = t.detach().abs()
                     m = float(torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype))
                               .max())
-                self.max_abs = max(self.max_abs, m)
-        return out
+                found = max(found, m)
+        self.max_abs = max(self.max_abs, found)
+        return found
 
 
-def fp16_safety(component: str, max_abs: float, nonfinite: bool = False) -> dict:
-    """The manifest's `fp16` entry; `advice` names the fix when the component is at risk."""
+def fp16_safety(component: str, max_abs: float, nonfinite: bool = False,
+                islands: list[dict] | None = None, whole: bool | None = None) -> dict:
+    """The manifest's `fp16` entry; `advice` names the fix when the component is at risk.
+
+    `islands`: the float32 islands of an fp16 graph (dicts of Island); `whole`: whether the
+    tracking found a risky value that no island short of the whole component could hold (None:
+    decide from `max_abs` alone, for components exported in fp32)."""
     threshold = FP16_MAX * FP16_RISK_FRACTION
-    at_risk = max_abs > threshold or nonfinite
+    at_risk = nonfinite or (max_abs > threshold if whole is None else whole)
     advice = None
     if at_risk:
         why = "non-finite activations appear" if nonfinite else (
@@ -63,7 +78,7 @@ def fp16_safety(component: str, max_abs: float, nonfinite: bool = False) -> dict
             f"max {FP16_MAX:.0f})")
         advice = f"{component}: {why}; run it in fp32 (--precision {component}=fp32)"
     return {"max_abs_activation": max_abs, "fp16_max": FP16_MAX, "threshold": threshold,
-            "at_risk": at_risk, "advice": advice}
+            "at_risk": at_risk, "advice": advice, "islands": islands}
 
 
 @dataclass
@@ -74,6 +89,8 @@ class ComponentSamples:
         default_factory=list)  # (source, inputs, reference outputs)
     max_abs: float = 0.0
     nonfinite: bool = False
+    op_max: dict[str, float] = field(default_factory=dict)   # per submodule: ops inside it
+    out_max: dict[str, float] = field(default_factory=dict)  # per submodule: its outputs
 
     @property
     def count(self) -> int:
@@ -102,35 +119,45 @@ def check_parity(path: Path, spec: ComponentSpec, precision: str, samples: Compo
                  ) -> tuple[dict, list[ParityMismatch | RuntimeFailure]]:
     """Run the graph in onnxruntime on every sample batch; compare each output with the
     PyTorch reference over all batches. Returns (the manifest's `parity` entry, failures)."""
-    tol = spec.tolerance(precision)
     try:
         sess = ort_session(path)
     except Exception as e:  # noqa: BLE001 - any load failure is reported, typed
-        return {"passed": False, "error": str(e)}, [RuntimeFailure(spec.name, str(e))]
-    diff = {n: 0.0 for n in spec.output_names}   # max |onnx - torch| per output
+        return {"passed": False, "error": str(e), "checked_with": "onnxruntime-cpu"}, \
+            [RuntimeFailure(spec.name, str(e))]
+    run = lambda feeds: dict(zip(spec.output_names, sess.run(spec.output_names, feeds)))  # noqa
+    return compare(run, spec, precision, samples, "onnxruntime-cpu")
+
+
+def compare(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], spec: ComponentSpec,
+            precision: str, samples: ComponentSamples, checked_with: str
+            ) -> tuple[dict, list[ParityMismatch | RuntimeFailure]]:
+    """`run` (feeds in the spec's dtypes -> outputs by name) on every sample batch against the
+    float32 PyTorch reference, with the precision's tolerance. `checked_with` names the
+    runtime in the entry (`onnxruntime-cpu` on the graph, `tensorrt` on the engine)."""
+    tol = spec.tolerance(precision)
+    diff = {n: 0.0 for n in spec.output_names}   # max |got - torch| per output
     scale = {n: 0.0 for n in spec.output_names}  # max |torch| per output
     worst_source = {n: "" for n in spec.output_names}
     failures: list[ParityMismatch | RuntimeFailure] = []
     for source, inputs, refs in samples.batches:
         try:
-            outs = sess.run(spec.output_names, _feeds(spec, precision, inputs))
+            outs = run(_feeds(spec, precision, inputs))
         except Exception as e:  # noqa: BLE001
-            failures.append(RuntimeFailure(spec.name, f"{source} inputs: {e}"))
+            failures.append(RuntimeFailure(spec.name, f"{source} inputs ({checked_with}): {e}"))
             continue
-        for name, out in zip(spec.output_names, outs):
-            ref = refs[name].astype(np.float64)
-            d = float(np.abs(out.astype(np.float64) - ref).max()) if ref.size else 0.0
+        for name in spec.output_names:
+            ref, out = refs[name].astype(np.float64), np.asarray(outs[name], np.float64)
+            d = float(np.abs(out - ref).max()) if ref.size else 0.0
             d = d if np.isfinite(d) else float("inf")  # NaN compares as a failure
             if d >= diff[name]:
                 diff[name], worst_source[name] = d, source
             scale[name] = max(scale[name], float(np.abs(ref).max()) if ref.size else 0.0)
-    del sess
     limit = {n: tol.limit(scale[n]) for n in spec.output_names}
-    failures += [ParityMismatch(spec.name, n, worst_source[n], diff[n], limit[n])
+    failures += [ParityMismatch(spec.name, n, worst_source[n], diff[n], limit[n], checked_with)
                  for n in spec.output_names if not diff[n] <= limit[n]]
     worst = max(spec.output_names, key=lambda n: diff[n] / limit[n])
     entry = {"max_abs": diff[worst], "tolerance": limit[worst], "passed": not failures,
              "samples": samples.count, "sources": samples.sources(), "outputs": diff,
-             "checked_with": "onnxruntime-cpu",
+             "checked_with": checked_with,
              "tolerance_rule": {"atol": tol.atol, "rtol": tol.rtol}}
     return entry, failures

@@ -24,16 +24,17 @@ from . import manifest as mf
 from . import trt_ops
 from .errors import (ComponentExportError, ExportError, LintError, MissingCheckpointError,
                      OptionError, ParityError, PrerequisiteError)
+from .islands import flagged_islands, outermost
 from .lint import lint_file
 from .onnx_export import finish_component, trace_component
 from .options import (ExportOptions, components_for, image_sizes, parse_timestep, precision_of,
                       validate_for_model, validate_options)
-from .parity import check_parity, fp16_safety
+from .parity import check_parity, compare, fp16_safety
 from .samples import (calibrate_tau, folder_digest, list_images, load_image, qf_table,
                       reference_run, sample_batches, synthetic_images)
 from .specs import COMPONENTS, component_specs, dims
 from .targets import get_target
-from .wrappers import build_wrappers, for_export
+from .wrappers import build_wrappers, for_export, fp32_islands
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO_ROOT / "weights" / "tiny"
@@ -148,10 +149,7 @@ def run_export(opts: ExportOptions, log: Log = _stderr) -> Path:
     loaded = load_model(opts)
     cfg = loaded.model.cfg
     validate_for_model(opts, cfg.pad_multiple, cfg.saipe.image_size)
-    trt_info = None
-    if target.name == "trt":
-        from .trt import compute_capability, trt_version
-        trt_info = (trt_version(), compute_capability())
+    trt_info = _trt_info(opts) if target.name == "trt" else None
     real = [load_image(p) for p in calib_files]
     timestep = _timestep(opts, loaded.model, real, log)
     plan = _Plan(opts, loaded, timestep, folder_digest(calib_files) if calib_files else None,
@@ -160,11 +158,13 @@ def run_export(opts: ExportOptions, log: Log = _stderr) -> Path:
     todo = [n for n in plan.names if n not in entries]
     out.mkdir(parents=True, exist_ok=True)
     (out / mf.MANIFEST).unlink(missing_ok=True)  # from here on, the folder is unfinished
+    refs = {}
     if todo:
-        entries.update(_export_onnx(opts, plan, loaded, timestep, real, todo, out, log))
+        new, refs = _export_onnx(opts, plan, loaded, timestep, real, todo, out, log)
+        entries.update(new)
     lint = _lint(plan, [n for n in COMPONENTS if n in entries], out, log)
     if target.name == "trt":
-        _build_engines(plan, todo, entries, out, opts, log)
+        _build_engines(plan, todo, entries, refs, out, opts, log)
     for e in entries.values():
         if e["fp16"]["at_risk"]:
             log(f"[fp16] at risk: {e['fp16']['advice']}")
@@ -193,8 +193,23 @@ def _reusable_entries(plan: _Plan, old: dict | None, out: Path, log: Log) -> dic
     return entries
 
 
+def _trt_info(opts: ExportOptions) -> tuple[str, tuple[int, int]]:
+    """(TensorRT version, GPU compute capability), refusing before any export what they
+    cannot build: a TensorRT outside 10.12..11.x, or fp16 on a GPU without float16."""
+    from .trt import MIN_FP16_CC, compute_capability, trt_version, version_problem
+    version, cc = trt_version(), compute_capability()
+    if (problem := version_problem(version)) is not None:
+        raise PrerequisiteError(f"{problem}; nothing was written")
+    fp16 = sorted(n for n, p in precision_of(opts).items() if p == "fp16")
+    if fp16 and tuple(cc) < MIN_FP16_CC:
+        raise OptionError(f"--precision fp16 ({', '.join(fp16)}): this GPU (compute capability "
+                          f"{cc[0]}.{cc[1]}) has no float16 arithmetic; use --precision fp32")
+    return version, tuple(cc)
+
+
 def _export_onnx(opts: ExportOptions, plan: _Plan, loaded: Loaded, timestep: dict,
-                 real: list, todo: list[str], out: Path, log: Log) -> dict[str, dict]:
+                 real: list, todo: list[str], out: Path, log: Log
+                 ) -> tuple[dict[str, dict], dict]:
     model, cfg = loaded.model, loaded.model.cfg
     if cfg.lora is not None and not model.lora_merged:
         model.merge_lora()  # in place: this model instance is the export's own copy
@@ -206,11 +221,13 @@ def _export_onnx(opts: ExportOptions, plan: _Plan, loaded: Loaded, timestep: dic
                          cfg.predictor.t_max, opts.seed)
     log(f"[samples] {', '.join(f'{s}: {x.shape[0]}' for s, x in batches)} at "
         f"{plan.opt_size[0]}x{plan.opt_size[1]} ({time.perf_counter() - t0:.1f} s)")
+    islands, whole = _fp16_islands(plan, wrappers, refs, todo, log)
     raw = {}
     try:
         for n in _bar(todo, "trace"):
             t0, spec, prec = time.perf_counter(), plan.specs[n], plan.precision[n]
-            module = for_export(wrappers[n], spec, prec, plan.target.name)
+            flagged = tuple(i for i in islands.get(n, ()) if i not in fp32_islands(wrappers[n]))
+            module = for_export(wrappers[n], spec, prec, flagged)
             raw[n] = trace_component(module, spec, prec, plan.trace_dims, opts.opset, out,
                                      opts.seed)
             del module
@@ -231,7 +248,22 @@ def _export_onnx(opts: ExportOptions, plan: _Plan, loaded: Loaded, timestep: dic
     finally:
         for path in raw.values():  # traced but never cleaned up (an error stopped us)
             shutil.rmtree(path.parent, ignore_errors=True)
-    return _parity(plan, refs, stats, todo, out, log)
+    return _parity(plan, refs, stats, todo, out, log, islands, whole), refs
+
+
+def _fp16_islands(plan: _Plan, wrappers: dict, refs: dict, todo: list[str], log: Log
+                  ) -> tuple[dict[str, tuple], dict[str, bool]]:
+    """Per fp16 component: its float32 islands (declared, then the tracking's) and whether a
+    risky value was found that only the whole component in fp32 could hold."""
+    islands, whole = {}, {}
+    for n in todo:
+        if plan.precision[n] != "fp16":
+            continue
+        flagged, whole[n] = flagged_islands(refs[n].op_max, refs[n].out_max)
+        islands[n] = tuple(outermost(list(fp32_islands(wrappers[n], tuple(flagged)))))
+        log(f"[fp16] {n}: float32 islands: "
+            + ("; ".join(f"{i.module or '(wrapper)'}: {i.why}" for i in islands[n]) or "none"))
+    return islands, whole
 
 
 def _bar(items: list[str], what: str):
@@ -243,17 +275,20 @@ def _log_above_bar(log: Log, msg: str) -> None:
         log(msg)
 
 
-def _parity(plan: _Plan, refs: dict, stats: dict, todo: list[str], out: Path, log: Log
-            ) -> dict[str, dict]:
+def _parity(plan: _Plan, refs: dict, stats: dict, todo: list[str], out: Path, log: Log,
+            islands: dict[str, tuple], whole: dict[str, bool]) -> dict[str, dict]:
     entries, failures = {}, []
     for n in todo:
         t0, spec, prec = time.perf_counter(), plan.specs[n], plan.precision[n]
         parity, fails = check_parity(out / f"{n}.onnx", spec, prec, refs[n])
         failures += fails
-        fp16 = fp16_safety(n, refs[n].max_abs, refs[n].nonfinite)
+        fp16 = fp16_safety(n, refs[n].max_abs, refs[n].nonfinite,
+                           [i.to_dict() for i in islands[n]] if n in islands else None,
+                           whole.get(n))
         log(f"[parity] {n}: max abs {parity.get('max_abs', float('nan')):.3g} "
             f"(tolerance {parity.get('tolerance', float('nan')):.3g}, "
-            f"{parity.get('samples', 0)} samples) {'ok' if not fails else 'FAILED'}; "
+            f"{parity.get('samples', 0)} samples, {parity.get('checked_with')}) "
+            f"{'ok' if not fails else 'FAILED'}; "
             f"largest activation {fp16['max_abs_activation']:.4g} "
             f"({'at risk in fp16' if fp16['at_risk'] else 'fp16-safe'}) "
             f"({time.perf_counter() - t0:.1f} s)")
@@ -286,22 +321,34 @@ def _lint(plan: _Plan, names: list[str], out: Path, log: Log) -> dict:
             "warnings": warnings, "trt_version": ".".join(map(str, version))}
 
 
-def _build_engines(plan: _Plan, todo: list[str], entries: dict, out: Path,
+def _build_engines(plan: _Plan, todo: list[str], entries: dict, refs: dict, out: Path,
                    opts: ExportOptions, log: Log) -> None:
-    from .trt import TIMING_CACHE, build_engine, engine_file_name
+    """Build each new component's engine, then run the engine itself against the float32
+    PyTorch reference: a failure refuses the dir like an ONNX parity failure."""
+    from . import trt
     version, cc = plan.trt_info
-    cache = Path(opts.timing_cache) if opts.timing_cache else out / TIMING_CACHE
+    cache = Path(opts.timing_cache) if opts.timing_cache else out / trt.TIMING_CACHE
+    failures = []
     for n in todo:
         t0, spec, prec = time.perf_counter(), plan.specs[n], plan.precision[n]
         onnx_entry = {k: entries[n][k] for k in ("file", "sha256", "external_data")}
-        engine = engine_file_name(n, version, cc)
+        engine = trt.engine_file_name(n, version, cc)
         profile = spec.profile(*plan.dims)
         try:
-            build_engine(out / f"{n}.onnx", out / engine, prec == "fp16", profile, cache)
+            built = trt.build_engine(out / f"{n}.onnx", out / engine, prec, profile, cache)
         except Exception as e:  # noqa: BLE001 - parser/builder errors, reported typed
             raise ComponentExportError(n, "TensorRT build", f"{type(e).__name__}: {e}") from e
+        parity, fails = compare(lambda feeds: trt.run_engine(out / engine, feeds), spec, prec,
+                                refs[n], "tensorrt")
+        failures += fails
         entries[n].update({**mf.file_entry(out, engine, None), "backend": "trt",
+                           "engine_parity": parity,
                            "trt": {"version": version, "compute_capability": f"{cc[0]}.{cc[1]}",
-                                   "profiles": profile, "onnx": onnx_entry,
+                                   **built, "profiles": profile, "onnx": onnx_entry,
                                    "timing_cache": cache.name if cache.parent == out else None}})
-        log(f"[trt] {n} ({prec}) -> {engine} ({time.perf_counter() - t0:.1f} s)")
+        log(f"[trt] {n} ({prec}, strongly typed{', TF32' if built['tf32'] else ''}) -> {engine}; "
+            f"engine parity max abs {parity['max_abs']:.3g} (tolerance "
+            f"{parity['tolerance']:.3g}) {'ok' if not fails else 'FAILED'} "
+            f"({time.perf_counter() - t0:.1f} s)")
+    if failures:
+        raise ParityError(failures)

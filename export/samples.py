@@ -13,7 +13,8 @@ from sodiff.jpeg import compress
 from sodiff.model import pad_reflect, resize_for_saipe
 
 from .errors import CalibrationError
-from .parity import ActivationTracker, ComponentSamples
+from .islands import ModuleActivations
+from .parity import ComponentSamples
 from .specs import ComponentSpec
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -129,7 +130,8 @@ def sample_batches(size: tuple[int, int], n: int, real: list[np.ndarray], seed: 
 
 
 class _Recorder:
-    """Calls wrappers under an ActivationTracker and keeps inputs/outputs of exported ones."""
+    """Calls wrappers under a ModuleActivations tracker and keeps inputs/outputs and the
+    largest activations (overall and per submodule) of exported ones."""
 
     def __init__(self, wrappers: dict[str, nn.Module], specs: dict[str, ComponentSpec],
                  exported: tuple[str, ...]):
@@ -137,7 +139,7 @@ class _Recorder:
         self.results = {name: ComponentSamples() for name in exported}
 
     def __call__(self, name: str, source: str, *args: torch.Tensor):
-        tracker = ActivationTracker()
+        tracker = ModuleActivations(self.wrappers[name])
         with tracker:
             out = self.wrappers[name](*args)
         if name in self.results:
@@ -148,6 +150,9 @@ class _Recorder:
                                 {t.name: np_(o) for t, o in zip(spec.outputs, outs)}))
             rec.max_abs = max(rec.max_abs, tracker.max_abs)
             rec.nonfinite |= tracker.nonfinite
+            for mine, theirs in ((rec.op_max, tracker.op_max), (rec.out_max, tracker.out_max)):
+                for path, m in theirs.items():
+                    mine[path] = max(mine.get(path, 0.0), m)
         return out
 
 

@@ -22,6 +22,13 @@ def _tensorrt_missing() -> str | None:
                 "and an NVIDIA GPU (pip install 'sodiff[trt]' on such a machine); "
                 "use `--target onnx` here")
     try:
+        import tensorrt
+    except Exception as e:  # noqa: BLE001 - a broken install: say what it raised, in one line
+        return f"tensorrt does not import ({type(e).__name__}: {str(e).splitlines()[0]})"
+    from .trt import version_problem
+    if (problem := version_problem(getattr(tensorrt, "__version__", "unknown"))) is not None:
+        return problem
+    try:
         import torch
         if not torch.cuda.is_available():
             return ("no CUDA GPU is visible: TensorRT builds engines for the GPU it runs on; "

@@ -53,5 +53,6 @@ RESIZE_MODES = frozenset({"nearest", "linear"})
 RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
                         "RandomUniformLike", "Bernoulli", "Multinomial"})
 
-# The TensorRT version assumed when none is importable: the project's `trt` extra needs >= 10.
-DEFAULT_TRT_VERSION = (10, 0)
+# The TensorRT version assumed when none is importable: the oldest the `trt` extra accepts
+# (strongly typed builds; export/trt.py MIN_VERSION).
+DEFAULT_TRT_VERSION = (10, 12)

@@ -14,7 +14,11 @@ from torch import nn
 from sodiff import base as base_mod
 from sodiff.schedule import interp_alpha, x0_from_eps
 
+from .islands import Island, install
 from .specs import ComponentSpec
+
+EQ6 = Island("", "Eq. 6 and the alphas_cumprod table: computed by the wrapper in float32 "
+                 "(near tau = 0, 1 - a(tau) is below float16's resolution around 1)")
 
 
 class SaipeWrapper(nn.Module):
@@ -30,6 +34,12 @@ class SaipeWrapper(nn.Module):
 
 class PredictorWrapper(nn.Module):
     """image [B,3,H,W] at native resolution -> (timestep [B], qf [B]), deterministic."""
+
+    fp32_islands = (
+        Island("predictor.timestep_head", "tau = sum_i i * softmax(logits)_i over T_max "
+               "candidates up to T_max - 1: float16 would round tau by up to 0.5", "float32"),
+        Island("predictor.qf_head", "QF = qf_init + qf_scale * head(features) is a float32 "
+               "output in QF units", "float32"))
 
     def __init__(self, predictor: nn.Module):
         super().__init__()
@@ -74,6 +84,10 @@ class UNetWrapper(nn.Module):
     """
 
     keep_fp32 = ("alphas_cumprod",)
+    fp32_islands = (
+        EQ6,
+        Island("unet.time_embedding", "the sinusoidal timestep embedding (arguments up to 999 "
+               "rad, where float16 steps 0.5 rad) and its projection"))
 
     def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor):
         super().__init__()
@@ -111,6 +125,7 @@ class FixedUNetWrapper(nn.Module):
     """
 
     keep_fp32 = ("timestep", "alpha")
+    fp32_islands = (EQ6,)
 
     def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, tau: float):
         super().__init__()
@@ -148,15 +163,23 @@ class CastIO(nn.Module):
         return outs if isinstance(out, tuple) else outs[0]
 
 
-def half_copy(module: nn.Module) -> nn.Module:
+def half_copy(module: nn.Module, islands: tuple[Island, ...] = ()) -> nn.Module:
     """A float16 copy of `module`, except the buffers its submodules list in `keep_fp32`
-    (copied back from the float32 original, so nothing is rounded through float16)."""
+    (copied back from the float32 original, so nothing is rounded through float16) and the
+    float32 islands: `module.fp32_islands` plus `islands` (e.g. those the FP16-safety tracking
+    flagged), each a float32 copy of the original's submodule with casts at its boundary."""
     half = copy.deepcopy(module).half()
     for name, sub in module.named_modules():
         for buf in getattr(sub, "keep_fp32", ()):
             target = half.get_submodule(name) if name else half
             setattr(target, buf, getattr(sub, buf).detach().clone())
+    install(half, module, list(fp32_islands(module, islands)))
     return half
+
+
+def fp32_islands(wrapper: nn.Module, flagged: tuple[Island, ...] = ()) -> tuple[Island, ...]:
+    """Every float32 island of `wrapper`'s fp16 graph: the declared ones, then `flagged`."""
+    return (*getattr(wrapper, "fp32_islands", ()), *flagged)
 
 
 def build_wrappers(model: nn.Module, names: tuple[str, ...], tau: float | None
@@ -175,13 +198,11 @@ def build_wrappers(model: nn.Module, names: tuple[str, ...], tau: float | None
     return {n: make[n]().eval() for n in names}
 
 
-def for_export(wrapper: nn.Module, spec: ComponentSpec, precision: str, target: str
-               ) -> nn.Module:
-    """The module to trace: as is for fp32; for fp16, float16 I/O around either a float16 copy
-    (`onnx`: a genuinely half graph) or the float32 module (`trt`: TensorRT's FP16 mode picks
-    layer precisions itself from float32 weights)."""
+def for_export(wrapper: nn.Module, spec: ComponentSpec, precision: str,
+               islands: tuple[Island, ...] = ()) -> nn.Module:
+    """The module to trace: as is for fp32; for fp16, float16 I/O around a float16 copy with
+    float32 islands -- the same genuinely half graph for onnxruntime and for TensorRT, which
+    parses it strongly typed (its dtypes are the engine's precisions)."""
     if precision != "fp16":
         return wrapper
-    if target == "onnx":
-        return CastIO(half_copy(wrapper), spec, precision, torch.float16).eval()
-    return CastIO(wrapper, spec, precision, torch.float32).eval()
+    return CastIO(half_copy(wrapper, islands), spec, precision, torch.float16).eval()

@@ -1,17 +1,28 @@
-"""TensorRT: engine names and profiles (anywhere), and building and running a tiny engine
-(`gpu`: needs TensorRT and a CUDA GPU; skipped elsewhere)."""
+"""TensorRT: engine names and profiles (anywhere); the whole `--target trt` export against a
+stand-in `tensorrt` that follows the 11.x API (no weak typing: touching a removed API fails);
+and building and running a tiny engine for real (`gpu`: needs TensorRT and a CUDA GPU)."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
+from export import trt as export_trt
+from export.errors import OptionError, ParityError, PrerequisiteError
 from export.options import ExportOptions
+from export.parity import ort_session
+from export.pipeline import run_export
 from export.specs import component_specs, dims
 from export.trt import engine_file_name, version_tuple
+from fixtures import fake_tensorrt
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _trt_missing() -> str | None:
@@ -36,6 +47,131 @@ def test_profiles_follow_the_shape_options():
     assert unet["timestep"] == {"min": [1], "opt": [2], "max": [4]}
     assert unet["prompt"]["max"] == [4, 77, 1024]
     assert specs["saipe"].profile(lo, opt, hi)["image"]["min"] == [1, 3, 512, 512]
+
+
+# -- the 11.x stand-in -------------------------------------------------------------------------
+def test_the_stand_in_has_no_weak_typing_api():
+    trt = fake_tensorrt.make("11.1.0.9")
+    for removed in ("FP16", "BF16", "INT8", "FP8", "OBEY_PRECISION_CONSTRAINTS", "DIRECT_IO"):
+        with pytest.raises(AttributeError):
+            getattr(trt.BuilderFlag, removed)
+    with pytest.raises(AttributeError):
+        trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH  # noqa: B018
+    assert trt.BuilderFlag.TF32
+
+
+def test_no_code_sets_an_fp16_builder_flag():
+    """The issue's acceptance grep, as a test: nothing in export/ or runtime/ passes an fp16
+    flag to a builder config or names BuilderFlag.FP16."""
+    pattern = re.compile(r"fp16=(True|fp16)|BuilderFlag\.FP16")
+    hits = [f"{p.relative_to(REPO)}:{i}" for folder in ("export", "runtime")
+            for p in sorted((REPO / folder).rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
+
+
+def _onnx_runner(engine: Path, feeds: dict) -> dict:
+    """The stand-in's `run_engine`: the plan names its ONNX graph, which onnxruntime runs."""
+    plan = json.loads(engine.read_bytes())
+    sess = ort_session(Path(plan["onnx"]))
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """`--target trt` on this CPU: the 11.x stand-in, a CUDA device that says sm_90, and
+    engines run by onnxruntime on the graph they were built from."""
+    import torch
+
+    def install(version="11.1.0.9", cc=(9, 0), runner=_onnx_runner):
+        trt = fake_tensorrt.make(version)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(export_trt, "compute_capability", lambda: cc)
+        monkeypatch.setattr(export_trt, "run_engine", runner)
+        return trt
+    return install
+
+
+def _trt_export(tmp_path, **kw):
+    opts = ExportOptions(out=tmp_path / "eng", target="trt", preset="tiny", random_weights=True,
+                         timestep="predicted", components=("predictor", "unet", "vae_decoder"),
+                         shape=(64, 64), precision_overrides=(("vae_decoder", "fp32"),), **kw)
+    return json.loads(run_export(opts, log=lambda s: None).read_text())
+
+
+def test_trt_export_builds_strongly_typed_fp16_engines(tmp_path, fake_gpu):
+    trt = fake_gpu()
+    m = _trt_export(tmp_path)
+    plans = {Path(p["onnx"]).stem: p for p in trt.build_log}
+    assert set(plans) == {"predictor", "unet", "vae_decoder"}
+    for name, c in m["components"].items():
+        plan = plans[name]
+        assert c["backend"] == "trt" and c["trt"]["strongly_typed"] and plan["strongly_typed"]
+        assert c["trt"]["tf32"] == (c["precision"] == "fp32")
+        assert plan["flags"] == (["TF32"] if c["precision"] == "fp32" else [])
+        assert c["parity"]["checked_with"] == "onnxruntime-cpu" and c["parity"]["passed"]
+        assert c["engine_parity"]["checked_with"] == "tensorrt" and c["engine_parity"]["passed"]
+    # Strongly typed, the engine computes in the graph's dtypes: the fp16 UNet's convolutions
+    # and matmuls are float16 except the float32 island of its time embedding.
+    unet = m["components"]["unet"]
+    assert unet["precision"] == "fp16" and plans["unet"]["compute"]["float16"] > 10
+    islands = [i["module"] for i in unet["fp16"]["islands"]]
+    assert "unet.time_embedding" in islands and "" in islands  # "" is Eq. 6 in the wrapper
+    assert plans["vae_decoder"]["compute"].keys() == {"float32"}
+    assert (tmp_path / "eng" / "timing.cache").is_file()
+
+
+def test_fp16_unet_graph_is_half_with_float32_only_at_the_islands(tmp_path, fake_gpu):
+    fake_gpu()
+    m = _trt_export(tmp_path)
+    path = tmp_path / "eng" / m["components"]["unet"]["trt"]["onnx"]["file"]
+    found = fake_tensorrt.compute_dtypes(path)
+    assert len(found.get("float16", [])) > 10
+    assert found.get("float32") and all("time_embedding" in n for n in found["float32"]), found
+    casts = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Cast"]
+    # Eq. 6's float32 inputs (latent, eps) and its table index, the island's output, the
+    # clean latent back to float16: a handful of casts, not one per layer or attention block.
+    assert 3 <= len(casts) <= 8, [n.name for n in casts]
+
+
+def test_predictor_heads_stay_float32(tmp_path, fake_gpu):
+    fake_gpu()
+    m = _trt_export(tmp_path)
+    path = tmp_path / "eng" / m["components"]["predictor"]["trt"]["onnx"]["file"]
+    found = fake_tensorrt.compute_dtypes(path)
+    assert found.get("float16") and found.get("float32")
+    assert all("head" in n for n in found["float32"]), found
+
+
+def test_engine_parity_failure_refuses_the_dir(tmp_path, fake_gpu):
+    def wrong(engine, feeds):
+        return {k: v + 1.0 for k, v in _onnx_runner(engine, feeds).items()}
+    fake_gpu(runner=wrong)
+    with pytest.raises(ParityError, match="tensorrt"):
+        _trt_export(tmp_path)
+    assert not (tmp_path / "eng" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("version", ["10.8.0.43", "12.0.0.1"])
+def test_unsupported_tensorrt_is_refused_before_anything_is_written(tmp_path, fake_gpu, version):
+    fake_gpu(version=version)
+    with pytest.raises(PrerequisiteError, match=re.escape(version)):
+        _trt_export(tmp_path)
+    assert not (tmp_path / "eng").exists()
+
+
+def test_tensorrt_10_gets_the_strongly_typed_flag(tmp_path, fake_gpu):
+    trt = fake_gpu(version="10.12.0.36")
+    _trt_export(tmp_path, force=True)
+    assert trt.build_log and all(p["strongly_typed"] for p in trt.build_log)
+
+
+def test_fp16_on_a_gpu_without_float16_is_refused_before_export(tmp_path, fake_gpu):
+    fake_gpu(cc=(5, 2))
+    with pytest.raises(OptionError, match="5.2"):
+        _trt_export(tmp_path)
+    assert not (tmp_path / "eng").exists()
 
 
 @pytest.mark.gpu

@@ -78,14 +78,13 @@ def test_fp16_io_wrappers(model):
                             baked_timestep=False)
     w = build_wrappers(merged_copy(model), ("unet", "predictor"), None)
     z, tau, prompt = inputs()
-    for target in ("onnx", "trt"):
-        m = for_export(w["unet"], specs["unet"], "fp16", target)
-        out = m(z.half(), tau, prompt.half())
-        assert out.dtype == torch.float16
-        with torch.no_grad():
-            ref = w["unet"](z, tau, prompt)
-        assert (out.float() - ref).abs().max() < 2e-2 + 2e-2 * ref.abs().max()
-    p = for_export(w["predictor"], specs["predictor"], "fp16", "onnx")
+    m = for_export(w["unet"], specs["unet"], "fp16")
+    out = m(z.half(), tau, prompt.half())
+    assert out.dtype == torch.float16
+    with torch.no_grad():
+        ref = w["unet"](z, tau, prompt)
+    assert (out.float() - ref).abs().max() < 2e-2 + 2e-2 * ref.abs().max()
+    p = for_export(w["predictor"], specs["predictor"], "fp16")
     t, qf = p(torch.rand(1, 3, 32, 32).half())
     assert t.dtype == torch.float32 and qf.dtype == torch.float32  # scalars stay float32
 
