@@ -25,6 +25,12 @@ from .errors import ImageError
 from .jpegqf import estimate_quality
 
 EXIF_ORIENTATION = 0x0112
+
+
+class PixelLimitError(ImageError):
+    """An image over the decompression-bomb guard's pixel limit (a server answers 413)."""
+
+
 _SIXTEEN = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -79,7 +85,7 @@ def _decode(source, name: str, size, max_pixels: int) -> ImageFile:
         raise ImageError(f"{name}: not an image Pillow can read ({n} bytes"
                          f"{', empty file' if n == 0 else ''})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{name}: {_bomb_message(e, max_pixels)}") from None
+        raise PixelLimitError(f"{name}: {_bomb_message(e, max_pixels)}") from None
     except ImageError as e:
         raise ImageError(f"{name}: {e}") from None
     except MemoryError:

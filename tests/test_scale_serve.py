@@ -1,0 +1,152 @@
+"""`sodiff-serve` (scale/) as users run it: the real command with its own local Ray cluster on
+127.0.0.1 and a free port; 50 concurrent requests equal to sodiff-run's outputs, bad and
+oversized bodies refused with one line, a clean shutdown."""
+import io
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fixtures.runtime_engines import tiny_engine
+from fixtures.scale_photos import make_photos, sodiff_run
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_BYTES = 200_000      # the server's body limit in these tests
+START_S = 180            # a cold local cluster plus one replica, on 2 busy cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return tiny_engine(tmp_path_factory.mktemp("serve-engine"))[0]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    return make_photos(folder)
+
+
+@pytest.fixture(scope="module")
+def reference(engine, photos, tmp_path_factory):
+    return sodiff_run(engine, photos[0].parent, tmp_path_factory.mktemp("sodiff-run"))
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    """(base URL, process, stderr path) of a running sodiff-serve."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scale.serve_cli", "--engine", str(engine), "--port",
+             str(port), "--max-bytes", str(MAX_BYTES), "--max-batch", "4"],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+            stderr=err, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("sodiff-serve did not come up: " + log.read_text()[-3000:])
+    yield url, proc, log
+    if proc.poll() is None:  # a test failed before the shutdown test: stop it here
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def post(url: str, body: bytes, query: str = "") -> tuple[int, object, bytes]:
+    req = urllib.request.Request(url + "/restore" + query, data=body, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def test_healthz(server):
+    import json
+    with urllib.request.urlopen(server[0] + "/healthz", timeout=10) as r:
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+
+
+def test_fifty_concurrent_requests_equal_sodiff_run(server, photos, reference):
+    bodies = [photos[i % len(photos)] for i in range(50)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda p: post(server[0], p.read_bytes()), bodies))
+    batches = []
+    for path, (status, headers, data) in zip(bodies, answers):
+        assert status == 200, data[:300]
+        assert headers["Content-Type"] == "image/png"
+        assert data == reference[path.stem + ".png"]
+        assert 0 < float(headers["X-SODiff-Tau"]) < 1000 and "total;dur=" in \
+            headers["Server-Timing"]
+        batches.append(int(headers["X-SODiff-Batch"]))
+    assert max(batches) > 1, "no two concurrent requests met in one @serve.batch call"
+
+
+def test_output_formats(server, photos):
+    status, headers, data = post(server[0], photos[0].read_bytes(), "?format=jpg")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(data)).format == "JPEG"
+    status, _, data = post(server[0], photos[0].read_bytes(), "?format=gif")
+    assert status == 400 and b"use one of png, jpg, webp" in data
+
+
+def _bomb() -> bytes:
+    """A valid PNG header that declares 100000x100000 pixels."""
+    def chunk(kind, payload):
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"this is not an image\n", 400, b"not an image Pillow can read"),
+    (b"", 400, b"empty request body"),
+    (b"\xff\xd8\xff\xe0" + b"\x00" * 400, 400, b"request body"),
+    (b"x" * (MAX_BYTES + 1), 413, b"over the limit"),
+    (_bomb(), 413, b"decompression-bomb"),
+], ids=["text", "empty", "broken-jpeg", "oversized-body", "pixel-bomb"])
+def test_bad_bodies_get_one_line_4xx(server, body, status, words):
+    got, headers, data = post(server[0], body)
+    assert got == status, data
+    assert words in data and b"Traceback" not in data
+    assert len(data.strip().splitlines()) == 1
+
+
+def test_zzz_shuts_down_cleanly(server):  # named to run last in this module
+    url, proc, log = server
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "sodiff-serve: stopped" in text and "Traceback" not in text
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/healthz", timeout=5)
