@@ -101,7 +101,8 @@ class Restorer:
 
     Arrays are uint8 or uint16, HxW (grey), HxWx3 (RGB) or with an alpha channel (passed
     through untouched); the output has the input's shape and dtype. Use as a context manager,
-    or call `close()`, to free the engines.
+    or call `close()`, to free the engines. One call at a time: bound device buffers are
+    reused from call to call, so threads need a Restorer each.
     """
 
     def __init__(self, engine_dir: str | Path, options: RestoreOptions | None = None,
