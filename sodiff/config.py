@@ -85,6 +85,15 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "ff.net.2", "conv1", "conv2", "conv_shortcut", "conv")
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+# Predictor front ends: "conv", a learned 8x8 stride-8 convolution on pixels (checkpoints made
+# before issue 13); "dct", the fixed block DCT with log-magnitudes (sodiff/predictor.py).
+PREDICTOR_FRONTS = ("conv", "dct")
+
+
+# The presets' predictor: the QF head predicts the normalised target (QF - 50) / 45, and the
+# timestep logits are 1/10 of the head's output, so an Adam step of size lr moves them 10x less.
+QF_SCALE = 45.0
+LOGIT_SCALE = 0.1
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,10 @@ class PredictorConfig:
     t_max: int = 1000             # timestep candidates 0..t_max-1 (Eq. 11)
     qf_init: float = 50.0         # QF head's initial bias: the middle of the QF range
     t_init: float | None = None   # untrained expected timestep; None: the middle, (t_max-1)/2
+    # The defaults below rebuild checkpoints saved before these fields existed exactly.
+    front: str = "conv"           # "conv" (learned 8x8 stem) or "dct" (fixed block DCT stem)
+    logit_scale: float = 1.0      # logits = scale * head(features): < 1 slows Adam's steps on them
+    qf_scale: float = 1.0         # QF = qf_init + qf_scale * head (1: the bias holds qf_init)
 
 
 @dataclass(frozen=True)
@@ -236,6 +249,12 @@ def validate_config(cfg: ModelConfig) -> None:
         problems.append(f"predictor.channels={p.channels}: the paper's predictor has 4 blocks")
     if p.t_max < 2 or p.t_max > cfg.num_train_timesteps:
         problems.append(f"predictor.t_max={p.t_max} must be in [2, {cfg.num_train_timesteps}]")
+    if p.front not in PREDICTOR_FRONTS:
+        problems.append(f"predictor.front={p.front!r} must be one of {PREDICTOR_FRONTS}")
+    for name in ("logit_scale", "qf_scale"):
+        value = getattr(p, name)
+        if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+            problems.append(f"predictor.{name}={value!r} must be a positive number")
     if p.t_init is not None and not 0 < p.t_init < (p.t_max - 1) / 2:
         problems.append(f"predictor.t_init={p.t_init} must be in (0, {(p.t_max - 1) / 2}) "
                         f"(None gives the middle of the range)")
@@ -260,7 +279,8 @@ TINY = ModelConfig(
                       num_heads=2, window_size=4, align_patch=2, align_dim=32,
                       performer_layers=1, performer_heads=2, performer_features=16,
                       pool_heads=2, prompt_dim=64),
-    predictor=PredictorConfig(stem_channels=16, channels=(16, 16, 32, 32), t_max=1000),
+    predictor=PredictorConfig(stem_channels=16, channels=(16, 16, 32, 32), t_max=1000,
+                              front="dct", logit_scale=LOGIT_SCALE, qf_scale=QF_SCALE),
     lora=LoRAConfig(rank=4, alpha=4.0),
     unet=dict(TINY_UNET),
     vae=dict(TINY_VAE),
@@ -275,7 +295,8 @@ TINY_FULL = dataclasses.replace(
     predictor=dataclasses.replace(TINY.predictor, t_init=50.0))
 
 PRESETS: dict[str, ModelConfig] = {
-    "sd21": ModelConfig(name="sd21"),
+    "sd21": ModelConfig(name="sd21", predictor=PredictorConfig(
+        front="dct", logit_scale=LOGIT_SCALE, qf_scale=QF_SCALE)),
     "tiny": TINY,
     "tiny-full": TINY_FULL,
 }
