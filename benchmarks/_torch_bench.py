@@ -145,10 +145,13 @@ class TorchRunner:
     """One PyTorch backend: a (possibly half-precision, possibly compiled) copy of the model."""
 
     def __init__(self, model: SODiff, kind: str, precision: str, device: str,
-                 compile_modules: tuple[str, ...] = ("unet",)):
+                 compile_modules: tuple[str, ...] = ("unet",), channels_last: bool = False):
         self.device, self.dtype, self.kind = device, DTYPES[precision], kind
-        if precision != "fp32":
+        self.channels_last = channels_last
+        if precision != "fp32" or channels_last:
             model = copy.deepcopy(model).to(self.dtype)
+        if channels_last:  # 4-D weights (convolutions) NHWC; everything else unchanged
+            model = model.to(memory_format=torch.channels_last)
         self.comp = Components(model)
         self.weight_bytes = sum(t.numel() * t.element_size()
                                 for t in (*model.parameters(), *model.buffers()))
@@ -179,6 +182,9 @@ class TorchRunner:
     def callable(self, name: str, inputs: dict[str, tuple[torch.Tensor, ...]]
                  ) -> Callable[[], Any]:
         fn, args = getattr(self.comp, name), inputs[name]
+        if self.channels_last:
+            args = tuple(a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a
+                         for a in args)
         mark = torch.compiler.cudagraph_mark_step_begin if self.cuda_graphs else None
 
         @torch.no_grad()  # not inference_mode: CUDA-graph trees expect ordinary tensors

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One-shot check for a lent GPU, prepared so that one call does everything in under 8 minutes:
-# device and versions, which of tensorrt / onnxruntime-gpu import, then latency.py on
-# `sd21 --random-weights` at 512x512, batch 1 and 8: PyTorch eager fp32, fp16 and bf16,
-# torch.compile fp16 with CUDA graphs (UNet compiled), and onnxruntime-CUDA / TensorRT when they
-# import. Each backend group runs in its own process under its own time limit, writing its JSON
-# as it measures, so one slow part cannot take the others down; the parts are then merged.
+# device and versions; onnxruntime-gpu installed from the wheel parts in .ort-parts/ (docs/gpu.md)
+# and checked on a tiny float16 graph; then latency.py on `sd21 --random-weights` at 512x512,
+# batch 1 and 8: PyTorch eager fp32 and fp16, torch.compile fp16 with CUDA graphs on every
+# component (channels-last), onnxruntime-CUDA fp32 and fp16 through the runtime's own backend
+# (IO binding, CUDA graphs on the static dirs), and TensorRT when it imports. Each backend group
+# runs in its own process under its own time limit, writing its JSON as it measures, so one slow
+# part cannot take the others down; the parts are then merged.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]            OUT_DIR: ${OUT:-benchmarks/results/gpu}
-#   bash benchmarks/gpu_check.sh --dry-run [OUT_DIR]  the CPU fallback: tiny preset, seconds
+#   bash benchmarks/gpu_check.sh --dry-run [OUT_DIR]  every column's CPU code path, tiny preset
 #
 # Run from the repository root with plain python3 (PYTHON overrides it, e.g. for tests). A
 # machine without CUDA runs the CPU fallback. Writes: gpu_check.log, latency_<preset>_<dev>.json
@@ -31,11 +33,19 @@ LOG="$OUT_DIR/gpu_check.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1
 
-if [ "$DRY" = 0 ] && [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
-    # Packages the GPU image lacks (diffusers) travel as wheels in .whl/.
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
-        || echo "installing .whl/*.whl failed: the steps below may not import"
-    export PYTHONPATH=/tmp/site:$PWD
+WHEELS=()
+if [ "$DRY" = 0 ] && ls .ort-parts/*.parts.json > /dev/null 2>&1; then
+    # onnxruntime-gpu is larger than one transfer: its parts came one per call (docs/gpu.md).
+    ORT_WHEEL=$(python3 benchmarks/wheel_parts.py join --dir .ort-parts --out "$PARTS/wheel") \
+        && WHEELS+=("$ORT_WHEEL") || echo "onnxruntime-gpu parts: see the message above"
+fi
+if [ "$DRY" = 0 ] && ls .whl/*.whl > /dev/null 2>&1; then
+    WHEELS+=(.whl/*.whl)  # packages the GPU image lacks (diffusers, polygraphy, ...)
+fi
+if [ "${#WHEELS[@]}" -gt 0 ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${WHEELS[@]}" \
+        || echo "installing the carried wheels failed: the steps below may not import"
+    export PYTHONPATH=/tmp/site:$PWD  # before site-packages: onnxruntime-gpu shadows onnxruntime
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -69,19 +79,24 @@ EOF
 has() { "$PYTHON" -c "$1" > /dev/null 2>&1; }
 CUDA=0; has "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && CUDA=1
 TRT=0; has "import tensorrt" && TRT=1
-ORT_CUDA=0
-has "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
-    && ORT_CUDA=1
-echo "tensorrt imports: $TRT; onnxruntime CUDAExecutionProvider: $ORT_CUDA"
 
+section "onnxruntime on CUDA: a tiny float16 graph"
+ORT_CUDA=0
+"$PYTHON" benchmarks/ort_smoke.py $([ "$DRY" = 1 ] && echo --cpu) && ORT_CUDA=1
+echo "tensorrt imports: $TRT; onnxruntime float16 graph on CUDA: $ORT_CUDA"
+
+ALL=saipe,predictor,vae_encoder,unet,vae_decoder
 if [ "$DRY" = 1 ] || [ "$CUDA" = 0 ]; then
     [ "$DRY" = 0 ] && echo "no CUDA GPU visible: running the CPU fallback (tiny preset)"
+    # The GPU columns' code paths on the CPU: fp32 compile stands in for compiled-fp16 (three
+    # components: compiling all five takes minutes on two cores), ort-fp16 runs on the CPU.
     DEVICE=cpu; PRESET=tiny; SIZE=64; BATCH=1,2; WARMUP=0; RUNS=2
-    EAGER=eager; COMPILED=""; ORT=ort; TRT_BACKEND=""
+    EAGER=eager; COMPILED=compiled; COMPILE=predictor,vae_encoder,vae_decoder
+    ORT=ort,ort-fp16; TRT_BACKEND=""; [ "$ORT_CUDA" = 1 ] || ORT=""
 else
     DEVICE=cuda; PRESET=sd21; SIZE=512; BATCH=1,8; WARMUP=3; RUNS=10
-    EAGER=eager,eager-fp16,eager-bf16; COMPILED=compiled-fp16
-    ORT=""; [ "$ORT_CUDA" = 1 ] && ORT=ort
+    EAGER=eager,eager-fp16; COMPILED=compiled-fp16; COMPILE=$ALL
+    ORT=""; [ "$ORT_CUDA" = 1 ] && ORT=ort,ort-fp16
     TRT_BACKEND=""; [ "$TRT" = 1 ] && TRT_BACKEND=trt
 fi
 
@@ -102,10 +117,12 @@ step() {
     [ -f "$PARTS/$name.json" ] && cp "$PARTS/$name.json" "$OUT_DIR/parts/"
 }
 
-step eager 200 "$EAGER"
-step compiled 240 "$COMPILED" --compile unet --no-flops
-step ort 150 "$ORT" --no-flops
-step trt 240 "$TRT_BACKEND" --no-flops
+step eager 120 "$EAGER"
+step compiled 200 "$COMPILED" --compile "$COMPILE" --channels-last --no-flops
+# Static 512x512 dirs (CUDA graphs), batch 1..8, exported here: kept in $ONNX_DIR across reruns.
+ONNX_DIR=${GPU_CHECK_ONNX_DIR:-/tmp/sodiff-gpu-check-onnx}
+step ort 200 "$ORT" --no-flops --onnx-dir "$ONNX_DIR"
+step trt 240 "$TRT_BACKEND" --no-flops --onnx-dir "$ONNX_DIR"
 
 section "merged report"
 RESULT="latency_${PRESET}_${DEVICE}"

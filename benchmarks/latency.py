@@ -51,6 +51,8 @@ class LatencySettings:
     onnx_dir: Path | None         # where ONNX graphs are exported when no --engine is given
     out: Path                     # results folder
     name: str                     # file stem of the JSON and markdown
+    channels_last: bool = False   # PyTorch columns: NHWC weights and inputs (faster convs on
+    #                               tensor cores; the compiled GPU column uses it)
 
 
 def validate_settings(s: LatencySettings) -> None:
@@ -117,7 +119,8 @@ def _runner(backend: Backend, s: LatencySettings, model, cfg):
     """The object that times `backend`: a TorchRunner, or an EngineRunner over an engine dir."""
     if backend.kind in ("eager", "compiled"):
         from benchmarks._torch_bench import TorchRunner
-        return TorchRunner(model, backend.kind, backend.precision, s.device, s.compile)
+        return TorchRunner(model, backend.kind, backend.precision, s.device, s.compile,
+                           s.channels_last)
     from benchmarks._engine_bench import EngineRunner
     from benchmarks._engines import engine_dir_for
     return EngineRunner(engine_dir_for(backend, s, cfg), backend.kind, s.device, s.threads)
@@ -246,7 +249,7 @@ def _settings_from_cli(kw: dict[str, Any]) -> LatencySettings:
         runs=d["runs"] if kw["runs"] is None else kw["runs"], budget_s=kw["budget"],
         modules=modules, compile=tuple(c.strip() for c in kw["compile"].split(",") if c.strip()),
         flops=kw["flops"], threads=kw["threads"], onnx_dir=kw["onnx_dir"], out=kw["out"],
-        name=name)
+        name=name, channels_last=kw["channels_last"])
 
 
 _path = click.Path(path_type=Path)
@@ -272,6 +275,8 @@ _path = click.Path(path_type=Path)
               help="Components and/or 'pipeline' to time.")
 @click.option("--compile", "compile_", default="unet", show_default=True,
               help="Components the compiled backends wrap in torch.compile.")
+@click.option("--channels-last", is_flag=True,
+              help="PyTorch columns: channels-last (NHWC) weights and inputs.")
 @click.option("--flops/--no-flops", default=True, show_default=True)
 @click.option("--threads", type=int, help="CPU threads for PyTorch and onnxruntime.")
 @click.option("--onnx-dir", type=_path, help="Keep exported ONNX graphs here (else a temp dir).")

@@ -400,6 +400,51 @@ def test_gpu_check_cpu_fallback_writes_the_merged_report(tmp_path):
     r = _gpu_check(tmp_path, "--dry-run", str(out))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     md = (out / "latency_tiny_cpu.md").read_text()
-    assert "| **Pipeline** |" in md and "onnxruntime fp32" in md
+    assert "| **Pipeline** |" in md and "onnxruntime fp32" in md and "onnxruntime fp16" in md
     doc = json.loads((out / "latency_tiny_cpu.json").read_text())
-    assert {r["backend"] for r in doc["measurements"]} == {"eager", "ort"}
+    # Every GPU column's CPU stand-in ran: compiled (with --channels-last), both onnxruntime
+    # precisions through the runtime's bound path.
+    assert {r["backend"] for r in doc["measurements"]} == {"eager", "compiled", "ort",
+                                                             "ort-fp16"}
+    assert {r["module"] for r in doc["measurements"] if r["backend"] == "compiled"} == {
+        "predictor", "vae_encoder", "vae_decoder", "pipeline"}
+    log = (out / "gpu_check.log").read_text()
+    assert "float16 MatMul+Add on CPUExecutionProvider through IO binding" in log
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_engine_pipeline_keeps_tensors_on_the_bound_path(tmp_path, dtype):
+    """The benchmark's onnxruntime pipeline is the runtime's device-resident chain: on the
+    identity engine it returns its input, no intermediate goes back through the host, and a
+    component's timed call runs on inputs uploaded beforehand."""
+    from benchmarks._engine_bench import EngineRunner
+    from fixtures.runtime_engines import identity_engine
+    eng = identity_engine(tmp_path / "eng", dtype=dtype, static=True, shape_max=(32, 32))
+    runner = EngineRunner(eng, "ort", "cpu")
+    try:
+        assert all(c.resident for c in runner.engines.components.values())
+        image = np.random.default_rng(0).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+        out = runner.pipeline(image)
+        tol = 1e-6 if dtype == "float32" else 2e-3
+        assert out.shape == image.shape and np.abs(out - image).max() <= tol
+        assert sum(c.hops for c in runner.engines.components.values()) == 0
+        call = runner.callable("vae_decoder", {"vae_decoder": (image,)})
+        got = call()["image"]
+        assert not got.on_host and got.dtype == np.dtype(dtype)  # an OrtValue, not numpy
+    finally:
+        runner.close()
+
+
+def test_channels_last_runner_computes_the_same(tiny_model):
+    """--channels-last changes the memory layout only: NHWC conv weights, same outputs."""
+    import torch
+    from benchmarks._torch_bench import TorchRunner, make_inputs
+    plain = TorchRunner(tiny_model, "eager", "fp32", "cpu")
+    nhwc = TorchRunner(tiny_model, "eager", "fp32", "cpu", channels_last=True)
+    conv = next(m for m in nhwc.comp.model.vae.modules() if isinstance(m, torch.nn.Conv2d)
+                and m.kernel_size != (1, 1))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    inputs = make_inputs(tiny_model.cfg, 32, 32, 1, "cpu", torch.float32)
+    for name in ("vae_encoder", "pipeline"):
+        a, b = plain.callable(name, inputs)(), nhwc.callable(name, inputs)()
+        assert torch.allclose(a, b, atol=1e-5), name
