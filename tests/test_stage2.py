@@ -73,9 +73,11 @@ def config(tmp_path, init, images, **kw):
 def test_overfits_a_fixed_batch_with_every_term(tmp_path, init, images, logged):
     # Two images at one QF with batch 2: every step sees the same batch. Random DISTS weights.
     torch.manual_seed(0)
-    final = stage2.train(config(tmp_path, init, images, max_steps=60, perceptual="random"),
-                         perceptual=DISTS())
-    assert len(logged) == 60
+    # The presets scale the timestep logits by 0.1 and stage 2 slows the timestep head 20x by
+    # default; this over-fitting check lets it move faster (20 x 0.1 = 2 x the UNet).
+    final = stage2.train(config(tmp_path, init, images, max_steps=90, perceptual="random",
+                                timestep_lr_scale=20.0), perceptual=DISTS())
+    assert len(logged) == 90
     for row in logged:
         for k in ("mse", "ea", "gan", "qf", "total", "d_loss"):
             assert np.isfinite(row[k]) and row[k] > 0, (k, row)
@@ -265,3 +267,59 @@ def test_cuda_mixed_precision_train_and_resume(tmp_path, init, images, precision
     weights = load_file(str(state / "weights.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert checkpoint.load(tmp_path / "run" / "final").cfg == TINY
+
+
+def unaligned_init(tmp_path, head_bias: dict[int, float] | None = None):
+    """A stage-1 checkpoint that says its stage 1 ran with --no-align (spread queries, as the
+    module fixture), a QF head that reads the features, optionally a timestep head biased
+    towards some candidates."""
+    torch.manual_seed(0)
+    model = SODiff(TINY)
+    with torch.no_grad():
+        model.saipe.t_align.pool.queries.normal_(0, 1, generator=torch.Generator().manual_seed(2))
+        model.vae.decoder.layers[-1].bias += 0.5
+        # As after stage 1.5: a fresh QF head is zero, which would leave the trunk gradient-free.
+        model.predictor.qf_head.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        for i, v in (head_bias or {}).items():
+            model.predictor.timestep_head.bias[i] = v
+    return checkpoint.save(model, tmp_path / "init",
+                           extra={"training": {"stage": 1, "align": False}})
+
+
+def test_configured_pipeline_trains_t_align_and_the_predictor(tmp_path, images):
+    # Stage 1 without alignment: stage 2 trains T_align jointly, E_down and D_up stay frozen,
+    # and every part of the predictor (trunk, QF head, timestep head) gets a gradient.
+    cfg = config(tmp_path, unaligned_init(tmp_path), images)
+    assert stage2.aligns(cfg)
+    model = stage2.prepare_model(cfg)
+    names = [g["name"] for g in stage2.generator_groups(model, cfg)]
+    assert names == ["unet", "t_align", "predictor", "timestep_head"]
+    g = torch.Generator().manual_seed(0)
+    batch = {"lq": torch.rand(2, 3, CROP, CROP, generator=g) * 2 - 1,
+             "hq": torch.rand(2, 3, CROP, CROP, generator=g) * 2 - 1,
+             "qf": torch.tensor([20.0, 30.0])}
+    _, loss, _ = stage2.generator_objective(model, None, None, batch, Stage2Weights(1, 0, 0, 1e-3),
+                                            g)
+    loss.backward()
+    for part in (model.saipe.t_align, model.predictor.stem, model.predictor.blocks,
+                 model.predictor.qf_head, model.predictor.timestep_head):
+        grads = [p.grad for p in part.parameters()]
+        assert grads and all(x is not None for x in grads)
+        assert sum(float(x.abs().sum()) for x in grads) > 0, part
+    for part in (model.saipe.e_down, model.saipe.d_up):
+        assert all(not p.requires_grad and p.grad is None for p in part.parameters())
+    off = stage2.prepare_model(config(tmp_path, cfg.init, images, train_align="off"))
+    assert not any(p.requires_grad for p in off.saipe.parameters())
+
+
+def test_stage2_logs_the_predictor_and_warns_on_a_saturated_softmax(tmp_path, images, logged,
+                                                                    capsys):
+    # A timestep head whose softmax is one-hot at 21 (what the first bundled model ended with).
+    init = unaligned_init(tmp_path, {21: 1e4})
+    final = stage2.train(config(tmp_path, init, images, w_gan=0.0))
+    for row in logged:
+        assert row["p_max"] > 0.99 and row["tau"] == pytest.approx(21, abs=0.01)
+        assert row["qf_mae"] >= 0
+    out = capsys.readouterr().out
+    assert "timestep softmax is saturated" in out and "T_align trains" in out
+    assert checkpoint.read_meta(final)["training"]["t_align_trained"] is True

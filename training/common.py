@@ -126,8 +126,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at `lr` times its own `lr_scale` (1 when it has none)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def all_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters of every group (for gradient clipping)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def config_options(cls: type) -> Callable:

@@ -102,8 +102,8 @@ def export_model(saipe: SAIPE, cfg: Stage1Config, folder: Path) -> Path:
         torch.manual_seed(cfg.seed)  # the tiny preset's random UNet/VAE: same for every run
         model = SODiff.from_base(model_cfg, cfg.base) if cfg.base else SODiff(model_cfg)
     model.saipe.load_state_dict(saipe.state_dict())
-    return checkpoint.save(model, folder, extra={"training": {"stage": 1,
-                                                              "steps": cfg.max_steps}})
+    return checkpoint.save(model, folder, extra={"training": {
+        "stage": 1, "steps": cfg.max_steps, "align": cfg.align}})
 
 
 def train(cfg: Stage1Config) -> Path:

@@ -3,6 +3,12 @@
 SAIPE and the VAE are frozen; the UNet's LoRA (or the whole UNet when the config has no LoRA)
 and the timestep predictor train with AdamW on MSE + L_EA + 1e-2 L_G + 1e-3 L_qf, and a
 diffusion-UNet discriminator trains with its own AdamW on Eq. 9; both update every step.
+When stage 1 ran without the alignment loss, SAIPE's T_align trains here too (E_down and D_up
+stay frozen): the paper's ablation order, the reconstruction branch first, then T_align with
+the diffusion model. The predictor has its own parameter groups: the timestep head learns
+`--timestep-lr-scale` times slower than its trunk and QF head. `--predictor` starts from a
+stage-1.5 predictor (training/predictor.py) and `--tau-prior` makes its timestep head read
+its QF head (sodiff.predictor.set_timestep_prior) before the first step.
 
     python -m training.stage2 --init runs/s1/final --base SD21_DIR --data IMAGES \
         --perceptual dists.safetensors --out runs/s2
@@ -30,6 +36,9 @@ from .common import FINAL_DIR, Run, TrainConfig, opt
 from .data import JPEGPairs, folder_sources, validation_images
 from .discriminator import TRAINABLE, UNetDiscriminator
 from .losses import Stage2Weights, stage2_discriminator_loss, stage2_generator_loss
+from .monitor import TimestepMonitor
+
+ALIGN_CHOICES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +67,16 @@ class Stage2Config(TrainConfig):
     max_steps: int = opt(150_000, help="optimizer steps (paper: 150k)")
     embed_base: bool = opt(False, help="store the base UNet/VAE in the final checkpoint, so it "
                            "loads without --base (for small bases such as training.tiny_base's)")
+    train_align: str = opt("auto", help="train SAIPE's T_align (E_down/D_up stay frozen): on, "
+                           "off, or auto = on when --init's stage 1 ran with --no-align",
+                           choices=ALIGN_CHOICES)
+    predictor: str | None = opt(None, help="stage-1.5 predictor folder (python -m "
+                                "training.predictor's OUT/final) replacing --init's predictor")
+    tau_prior: str | None = opt(None, help="noise_levels.json of training.denoiser: before the "
+                                "first step the timestep head is set to read the QF head, tau "
+                                "at each QF's matching noise level")
+    timestep_lr_scale: float = opt(0.05, help="the timestep head's learning rate relative to "
+                                   "--lr (its trunk and QF head learn at --lr)")
 
     @property
     def weights(self) -> Stage2Weights:
@@ -78,6 +97,10 @@ def validate_train_config(cfg: Stage2Config) -> None:
         p.append(f"disc_lr={cfg.disc_lr} must be > 0")
     if not cfg.weight_decay >= 0:
         p.append(f"weight_decay={cfg.weight_decay} must be >= 0")
+    if cfg.train_align not in ALIGN_CHOICES:
+        p.append(f"train_align={cfg.train_align!r} must be one of {ALIGN_CHOICES}")
+    if not cfg.timestep_lr_scale > 0:
+        p.append(f"timestep_lr_scale={cfg.timestep_lr_scale} must be > 0")
     p += [f"w_{k}={v} must be >= 0" for k, v in vars(cfg.weights).items() if not v >= 0]
     common.raise_problems(p)
 
@@ -124,12 +147,47 @@ def build_discriminator(cfg: Stage2Config, model: SODiff) -> UNetDiscriminator:
     return UNetDiscriminator(unet, cfg.disc_trainable, model.alphas_cumprod.cpu())
 
 
+def stage1_aligned(init: str) -> bool | None:
+    """Whether --init's stage 1 ran with the alignment loss (None: the checkpoint does not say)."""
+    return checkpoint.read_meta(init).get("training", {}).get("align")
+
+
+def aligns(cfg: Stage2Config) -> bool:
+    """Does T_align train in this run?"""
+    if cfg.train_align == "auto":
+        return stage1_aligned(cfg.init) is False
+    return cfg.train_align == "on"
+
+
+def apply_tau_prior(model: SODiff, path: str) -> None:
+    """`set_timestep_prior` from a training.denoiser noise_levels.json."""
+    import json
+
+    from sodiff.predictor import set_timestep_prior
+
+    try:
+        table = json.loads(Path(path).expanduser().read_text())["per_qf"]
+        qfs = [float(q) for q in table]
+        taus = [float(v["tau"]) for v in table.values()]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--tau-prior {path}: not a training.denoiser noise_levels.json "
+                         f"({type(e).__name__}: {e})") from None
+    set_timestep_prior(model.predictor, qfs, taus)
+
+
 def prepare_model(cfg: Stage2Config) -> SODiff:
     """The stage-1 model with stage 2's trainable parts switched on, everything else frozen."""
     model = checkpoint.load(cfg.init, cfg.base)
     m = model.cfg.pad_multiple
     if cfg.crop % m:
         raise ValueError(f"crop={cfg.crop} must be a multiple of {m} (the model's pad_multiple)")
+    if cfg.predictor:
+        from .predictor import load_predictor
+
+        model.predictor = load_predictor(cfg.predictor)
+        model.cfg = model.cfg.replace(predictor=model.predictor.cfg)
+    if cfg.tau_prior:
+        apply_tau_prior(model, cfg.tau_prior)
     model.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -138,9 +196,22 @@ def prepare_model(cfg: Stage2Config) -> SODiff:
     else:
         for name, p in model.unet.named_parameters():
             p.requires_grad_("lora_" in name)
+    if aligns(cfg):
+        model.saipe.t_align.requires_grad_(True)
     # A fixed timestep never runs the predictor: training it would only waste optimizer state.
     model.predictor.requires_grad_(parse_timestep_mode(model.cfg.timestep_mode) is None)
     return model
+
+
+def generator_groups(model: SODiff, cfg: Stage2Config) -> list[dict]:
+    """AdamW groups: UNet (LoRA or all), T_align when it trains, the predictor's trunk and QF
+    head at --lr, its timestep head at --lr * --timestep-lr-scale."""
+    groups = [{"params": [p for p in model.unet.parameters() if p.requires_grad],
+               "lr": cfg.lr, "lr_scale": 1.0, "name": "unet"},
+              {"params": [p for p in model.saipe.parameters() if p.requires_grad],
+               "lr": cfg.lr, "lr_scale": 1.0, "name": "t_align"}]
+    groups += model.predictor.param_groups(cfg.lr, cfg.timestep_lr_scale)
+    return [g for g in groups if g["params"]]
 
 
 def set_train_mode(model: SODiff) -> None:
@@ -209,7 +280,7 @@ def train(cfg: Stage2Config, perceptual: nn.Module | None = None) -> Path:
     model = prepare_model(cfg)
     dataset = JPEGPairs(folder_sources(cfg.data, cfg.crop), cfg.crop, (cfg.qf_min, cfg.qf_max),
                         cfg.seed)
-    opt_g = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+    opt_g = torch.optim.AdamW(generator_groups(model, cfg), lr=cfg.lr,
                               weight_decay=cfg.weight_decay)
     set_train_mode(model)
     gen, opt_g = run.acc.prepare(model, opt_g)
@@ -228,9 +299,13 @@ def train(cfg: Stage2Config, perceptual: nn.Module | None = None) -> Path:
         if cfg.val_data else None
     batches = run.batches(dataset)
     run.begin()
-    run.info(f"{len(dataset)} training images; {len(opt_g.param_groups[0]['params'])} trained "
-             f"generator tensors; L_EA {'OFF (--perceptual none)' if dists is None else 'on'}; "
+    groups = ", ".join(f"{g['name']} {len(g['params'])} @ x{g['lr_scale']:g}"
+                       for g in opt_g.param_groups)
+    run.info(f"{len(dataset)} training images; {len(common.all_params(opt_g))} trained "
+             f"generator tensors ({groups}); T_align {'trains' if aligns(cfg) else 'frozen'}; "
+             f"L_EA {'OFF (--perceptual none)' if dists is None else 'on'}; "
              f"discriminator {'on' if disc is not None else 'OFF (--w-gan 0)'}")
+    monitor = TimestepMonitor(run.info)
     lr_scale = {"generator": 1.0, "discriminator": cfg.disc_lr / cfg.lr}
     for step in range(run.start_step, cfg.max_steps):
         for name, o in optimizers.items():
@@ -248,7 +323,7 @@ def train(cfg: Stage2Config, perceptual: nn.Module | None = None) -> Path:
                     terms.update(discriminator_terms(run, model, d_step, out, batch, g, step))
                 if run.acc.sync_gradients and cfg.grad_clip:
                     for o in optimizers.values():
-                        run.acc.clip_grad_norm_(o.param_groups[0]["params"], cfg.grad_clip)
+                        run.acc.clip_grad_norm_(common.all_params(o), cfg.grad_clip)
                 for o in optimizers.values():
                     o.step()
                 for o in optimizers.values():
@@ -256,14 +331,17 @@ def train(cfg: Stage2Config, perceptual: nn.Module | None = None) -> Path:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
         done = step + 1
-        run.log(done, {**sums, "tau": out.tau.mean().item(), "lr": common.lr_at(step, cfg)})
+        watch = monitor.update(done, out.logits, out.tau, out.qf, batch["qf"])
+        run.log(done, {**sums, **watch, "lr": common.lr_at(step, cfg)})
         run.maybe_validate(done, model.restore, val, model)
         run.maybe_save(done)
     run.close()
     final = Path(cfg.out) / FINAL_DIR
     if run.acc.is_main_process:
         checkpoint.save(model, final, embed_base=True if cfg.embed_base else None,
-                        extra={"training": {"stage": 2, "steps": cfg.max_steps}})
+                        extra={"training": {"stage": 2, "steps": cfg.max_steps,
+                                            "align": stage1_aligned(cfg.init),
+                                            "t_align_trained": aligns(cfg)}})
         run.info(f"wrote {final}")
     run.acc.wait_for_everyone()
     return final
