@@ -7,7 +7,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable, TextIO
 
 from .config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, IMAGE_SUFFIXES, OUTPUT_SUFFIX
@@ -67,20 +67,32 @@ def collect_inputs(args: list[str]) -> tuple[list[tuple[Path, Path | None]], lis
 
 
 def _candidate(f: Path) -> bool:
-    # Images in folders; our own outputs from an earlier run beside their inputs are skipped.
-    return (f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-            and not f.stem.endswith(OUTPUT_SUFFIX) and not f.name.startswith("."))
+    return f.is_file() and candidate_name(f)
+
+
+def candidate_name(f: PurePath) -> bool:
+    """Whether a file found in a folder is an input by its name: an image, not hidden, not our
+    own output from an earlier run beside its input."""
+    return (f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.endswith(OUTPUT_SUFFIX)
+            and not f.name.startswith("."))
+
+
+def _key(p: PurePath) -> PurePath:
+    # Local paths compare resolved; pure paths (keys of an object store) as they are.
+    return p.resolve() if isinstance(p, Path) else p
 
 
 def plan_jobs(inputs: list[tuple[Path, Path | None]], opts: BatchOptions) -> list[Job]:
-    """An output per input; refuse outputs that are inputs or collide with each other."""
+    """An output per input; refuse outputs that are inputs or collide with each other.
+    Pure (non-local) paths work too: an `opts.out` that is one names a folder."""
     ext = "." + opts.fmt.lower().lstrip(".")
-    names_file = opts.out is not None and not opts.out.is_dir() and opts.out.suffix != ""
+    names_file = (opts.out is not None and isinstance(opts.out, Path) and not opts.out.is_dir()
+                  and opts.out.suffix != "")
     single_file = names_file and len(inputs) == 1 and inputs[0][1] is None
     if names_file and not single_file and inputs:
         raise ValueError(f"-o {opts.out} names one file, but the inputs are {len(inputs)} "
                          f"files or a folder; pass a folder to -o")
-    sources = {f.resolve() for f, _ in inputs}
+    sources = {_key(f) for f, _ in inputs}
     jobs, taken = [], {}
     for f, root in inputs:
         if single_file:
@@ -88,9 +100,9 @@ def plan_jobs(inputs: list[tuple[Path, Path | None]], opts: BatchOptions) -> lis
         elif opts.out is None:
             target = f.with_name(f.stem + OUTPUT_SUFFIX + ext)
         else:
-            rel = f.relative_to(root) if root is not None else Path(f.name)
+            rel = f.relative_to(root) if root is not None else PurePath(f.name)
             target = opts.out / rel.with_suffix(ext)
-        key = target.resolve()
+        key = _key(target)
         if key in sources:
             jobs.append(Job(f, None, f"{f}: its output {target} would replace an input"))
         elif key in taken:
@@ -102,31 +114,50 @@ def plan_jobs(inputs: list[tuple[Path, Path | None]], opts: BatchOptions) -> lis
     return jobs
 
 
-def process(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = None) -> dict:
+class LocalFiles:
+    """Where `process` reads inputs and writes outputs: the local file system. A front end
+    may pass another object with these three methods (sodiff-batch: pyarrow file systems)."""
+
+    def exists(self, path: PurePath) -> bool:
+        return Path(path).exists()
+
+    def read(self, path: PurePath, max_pixels: int):
+        return read_image(path, max_pixels)
+
+    def write(self, path: PurePath, array, icc, exif, quality: int, overwrite: bool) -> None:
+        write_image(path, array, icc, exif, quality, overwrite)
+
+
+LOCAL = LocalFiles()
+
+
+def process(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = None,
+            files=LOCAL) -> dict:
     """Restore one file; returns its report (raises ImageError/BackendError/ValueError).
-    `tiles(done, total)` follows the tiles of a large image."""
+    `tiles(done, total)` follows the tiles of a large image; `files` reads and writes."""
     output_format(job.target)  # an unwritable extension fails before any work
-    if job.target.exists() and not opts.overwrite:
+    if files.exists(job.target) and not opts.overwrite:
         raise ImageError(f"{job.target} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
-    img = read_image(job.source, opts.max_pixels)
+    img = files.read(job.source, opts.max_pixels)
     t1 = time.perf_counter()
     out, info = restorer.restore_info(img.array, img.qf, tiles)
     t2 = time.perf_counter()
-    write_image(job.target, out, img.icc, img.exif, opts.quality, opts.overwrite)
+    files.write(job.target, out, img.icc, img.exif, opts.quality, opts.overwrite)
     ms = {"read": round((t1 - t0) * 1000, 2), **info.pop("ms"),
           "write": round((time.perf_counter() - t2) * 1000, 2)}
     return {"input": str(job.source), "output": str(job.target), "ok": True,
             "mode": img.mode, "format": img.format, **info, "ms": ms}
 
 
-def attempt(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = None) -> dict:
+def attempt(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = None,
+            files=LOCAL) -> dict:
     """`process`, but a failure becomes its report line (ok: False, error: one line) instead
     of an exception: what every front end (sodiff-run, sodiff-batch's workers) reports."""
     try:
         if job.error:
             raise ImageError(job.error)
-        return process(restorer, job, opts, tiles)
+        return process(restorer, job, opts, tiles, files)
     except (ImageError, BackendError, ValueError, OSError) as e:
         return failure_line(job, str(e))
     except Exception as e:  # noqa: BLE001 - one broken image must not stop the batch

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import click
 
@@ -17,7 +17,7 @@ EXIT_FAILED, EXIT_UNUSABLE = 1, 2
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("src")
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("dst")
 @click.option("--engine", required=True, type=click.Path(path_type=Path),
               help="Engine dir written by sodiff-export (the same path on every node).")
 @click.option("--workers", type=click.IntRange(min=1), default=DEFAULT_WORKERS,
@@ -50,7 +50,8 @@ EXIT_FAILED, EXIT_UNUSABLE = 1, 2
               show_default=True, help="Decompression-bomb limit in pixels (0: none).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
-              help=f"JSONL report, one line per image, appended to [default: DST/{REPORT_NAME}].")
+              help=f"JSONL report, one line per image, appended to [default: DST/{REPORT_NAME}, "
+                   f"or ./{REPORT_NAME} when DST is a URI].")
 @click.option("--retries", type=click.IntRange(min=0), default=DEFAULT_RETRIES,
               show_default=True, help="Reruns of the unfinished images after a worker dies.")
 def main(src, dst, engine, workers, cpus_per_worker, gpus_per_worker, address, threads, fmt,
@@ -59,8 +60,9 @@ def main(src, dst, engine, workers, cpus_per_worker, gpus_per_worker, address, t
     """Restore every image of SRC into the folder DST on a Ray cluster.
 
     SRC: a folder (searched recursively), a glob pattern, or a .txt/.lst/.csv file listing
-    paths. Output names, formats and collision rules are sodiff-run -o DST's. A rerun skips
-    the outputs that are already complete, so a killed job resumes where it stopped.
+    paths. SRC and DST may be URIs of any file system pyarrow opens (s3://bucket/photos).
+    Output names, formats and collision rules are sodiff-run -o DST's. A rerun skips the
+    outputs that are already complete, so a killed job resumes where it stopped.
     """
     from runtime.batch import BatchOptions, plan_jobs
     from runtime.config import RestoreOptions
@@ -70,19 +72,22 @@ def main(src, dst, engine, workers, cpus_per_worker, gpus_per_worker, address, t
     from .config import ClusterOptions, validate_cluster
     from .job import JobError, run_job
     from .sources import find_inputs
+    from .storage import files_for, is_uri, open_uri
 
     cluster = ClusterOptions(address, workers, cpus_per_worker, gpus_per_worker)
     restore = RestoreOptions(backend=backend, device=device, tile=tile, overlap=overlap,
                              timestep=timestep, threads=threads, verify_hashes=not no_verify)
-    batch = BatchOptions(out=dst, fmt=fmt, quality=quality, overwrite=overwrite,
-                         max_pixels=max_pixels)
     try:
         validate_cluster(cluster)
         check_engine(engine, restore)
-        if dst.exists() and not dst.is_dir():
+        out = PurePosixPath(open_uri(dst)[1]) if is_uri(dst) else Path(dst).expanduser()
+        if isinstance(out, Path) and out.exists() and not out.is_dir():
             raise ValueError(f"DST {dst} is a file; sodiff-batch writes into a folder")
+        batch = BatchOptions(out=out, fmt=fmt, quality=quality, overwrite=overwrite,
+                             max_pixels=max_pixels)
         found, refused = find_inputs(src)
-        dst.mkdir(parents=True, exist_ok=True)
+        if isinstance(out, Path):
+            out.mkdir(parents=True, exist_ok=True)
         jobs = refused + plan_jobs(found, batch)
     except (ValueError, EngineDirError, OSError) as e:
         _die(str(e), EXIT_UNUSABLE)
@@ -90,12 +95,14 @@ def main(src, dst, engine, workers, cpus_per_worker, gpus_per_worker, address, t
         _die("; ".join(j.error for j in jobs) if jobs else f"no input images found in {src}",
              EXIT_UNUSABLE)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    report_path = report_path or dst / REPORT_NAME
+    report_path = report_path or (out / REPORT_NAME if isinstance(out, Path) else
+                                  Path(REPORT_NAME))
     owned = False
     try:
         owned = connect(address)
         with open(report_path, "a", encoding="utf-8") as report:
-            summary = run_job(jobs, str(engine), restore, batch, cluster, report, say, retries)
+            summary = run_job(jobs, str(engine), restore, batch, cluster, report, say, retries,
+                              files=files_for(src, dst))
     except (ClusterError, JobError, OSError) as e:
         _die(str(e), EXIT_UNUSABLE)
     finally:
@@ -110,7 +117,7 @@ def main(src, dst, engine, workers, cpus_per_worker, gpus_per_worker, address, t
 
 
 def _die(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {message.splitlines()[0] if message else 'unknown error'}", err=True)
     sys.exit(code)
 
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-from runtime.batch import BatchOptions, Job, failure_line
+from runtime.batch import LOCAL, BatchOptions, Job, failure_line
 
 from .config import (BLOCKS_PER_WORKER, DEFAULT_RETRIES, MAX_BLOCK_IMAGES, ClusterOptions)
 from .worker import RestoreWorker, report_line
@@ -28,9 +28,11 @@ class JobSummary:
 
 def run_job(jobs: list[Job], engine: str, restore, batch: BatchOptions,
             cluster: ClusterOptions, report: TextIO | None, say: Callable[[str], None],
-            retries: int = DEFAULT_RETRIES, worker: type = RestoreWorker) -> JobSummary:
+            retries: int = DEFAULT_RETRIES, worker: type = RestoreWorker,
+            files=LOCAL) -> JobSummary:
     """Restore `jobs` on the connected Ray cluster; one report line per image. Refused jobs
-    (no target) fail here without reaching a worker. `worker`: the actor class."""
+    (no target) fail here without reaching a worker. `worker`: the actor class; `files`:
+    where inputs and outputs live (`storage.files_for`)."""
     summary, todo = JobSummary(), {}
     for i, job in enumerate(jobs):
         if job.target is None:
@@ -42,7 +44,7 @@ def run_job(jobs: list[Job], engine: str, restore, batch: BatchOptions,
         if not todo:
             break
         try:
-            for line in _stream(todo, engine, restore, batch, cluster, worker):
+            for line in _stream(todo, (engine, restore, batch, files), cluster, worker):
                 todo.pop(line.pop("index"), None)
                 _record(line, summary, report, say)
         except Exception as e:  # noqa: BLE001 - Ray raises many types; sorted out below
@@ -54,8 +56,7 @@ def run_job(jobs: list[Job], engine: str, restore, batch: BatchOptions,
     return summary
 
 
-def _stream(todo: dict[int, Job], engine: str, restore, batch: BatchOptions,
-            cluster: ClusterOptions, worker: type):
+def _stream(todo: dict[int, Job], worker_args: tuple, cluster: ClusterOptions, worker: type):
     """The report lines of `todo`'s jobs as the actor pool finishes them."""
     import ray.data
 
@@ -64,7 +65,7 @@ def _stream(todo: dict[int, Job], engine: str, restore, batch: BatchOptions,
     blocks = min(len(rows), max(cluster.workers * BLOCKS_PER_WORKER,
                                 -(-len(rows) // MAX_BLOCK_IMAGES)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        worker, fn_constructor_args=(engine, restore, batch), batch_size=1,
+        worker, fn_constructor_args=worker_args, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=cluster.workers), num_cpus=cluster.cpus,
         num_gpus=cluster.gpus or None)
     for row in ds.iter_rows():

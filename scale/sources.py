@@ -1,4 +1,5 @@
-"""SRC of a batch job -> the inputs `runtime.batch.plan_jobs` names outputs for.
+"""SRC of a batch job -> the inputs `runtime.batch.plan_jobs` names outputs for (URIs of other
+file systems: `storage.find_remote`, by the same rules).
 
 A folder (searched recursively) or a glob are `sodiff-run`'s own inputs (`collect_inputs`).
 A .txt/.lst/.csv file lists paths, one per line or row: files under the list's folder keep
@@ -19,6 +20,10 @@ from .config import CSV_PATH_COLUMN, LIST_SUFFIXES
 def find_inputs(src: str) -> tuple[list[tuple[Path, Path | None]], list[Job]]:
     """(file, folder its output name is relative to, or None) for SRC, plus refused jobs for
     entries that match nothing -- `collect_inputs`' result."""
+    from .storage import find_remote, is_uri
+
+    if is_uri(src):
+        return find_remote(src)
     path = Path(src).expanduser()
     if not (path.is_file() and path.suffix.lower() in LIST_SUFFIXES):
         return collect_inputs([src])
@@ -38,13 +43,18 @@ def _absolute(p: Path) -> Path:
 
 
 def read_list(path: Path) -> list[str]:
-    """The paths a list file names: .csv -> its `path` column (or its first column), others
-    -> one per line; blank lines and lines starting with # are skipped."""
+    """The paths a list file names (see `parse_list`)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read the list ({type(e).__name__}: {e})") from None
-    if path.suffix.lower() != ".csv":
+    return parse_list(text, str(path))
+
+
+def parse_list(text: str, name: str) -> list[str]:
+    """The paths of a list file's text: a .csv's `path` column (or its first column), else
+    one per line; blank lines and lines starting with # are skipped."""
+    if not name.lower().endswith(".csv"):
         return [line.strip() for line in text.splitlines()
                 if line.strip() and not line.lstrip().startswith("#")]
     rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]

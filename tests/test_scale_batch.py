@@ -196,6 +196,40 @@ def test_worker_killed_mid_job_still_completes(cluster, engine, photos, referenc
     assert outputs(dst) == reference
 
 
+def test_uris_go_through_pyarrow_file_systems(cluster, engine, photos, reference, tmp_path):
+    dst = tmp_path / "out"
+    log = tmp_path / "report.jsonl"
+    args = [photos.as_uri(), dst.as_uri(), "--engine", engine, "--report", log]
+    result = batch(*args)
+    assert result.exit_code == 0, result.output
+    assert outputs(dst) == reference
+    again = batch(*args)  # pyarrow's view of the outputs: complete, so skipped
+    assert "0 restored, 0 failed, 20 skipped" in again.output, again.output
+
+
+def test_remote_listings_follow_the_local_rules(photos, tmp_path):
+    from runtime.batch import BatchOptions, plan_jobs
+    from scale.sources import find_inputs
+    from scale.storage import find_remote
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "bikes.jpg").write_bytes((photos / "bikes.jpg").read_bytes())
+    (tmp_path / "a" / ".hidden.jpg").write_bytes(b"x")
+    (tmp_path / "list.csv").write_text("path\na/bikes.jpg\nmissing.jpg\n")
+    found, refused = find_remote((tmp_path / "list.csv").as_uri())
+    assert [f.name for f, _ in found] == ["bikes.jpg"] and len(refused) == 1
+    local, _ = find_inputs(str(tmp_path / "list.csv"))
+    out = BatchOptions(out=tmp_path / "out")
+    assert [str(j.target) for j in plan_jobs(found, out)] == \
+        [str(j.target) for j in plan_jobs(local, out)] == [str(tmp_path / "out/a/bikes.png")]
+    folder, _ = find_remote((tmp_path / "a").as_uri())
+    assert [f.name for f, _ in folder] == ["bikes.jpg"]
+    glob, _ = find_remote(tmp_path.as_uri() + "/a/*.jpg")
+    assert [f.name for f, _ in glob] == ["bikes.jpg"]
+    _, none = find_remote(tmp_path.as_uri() + "/nothing/*.jpg")
+    assert "no file matches" in none[0].error
+
+
 def test_bad_arguments_are_one_line_errors_before_any_cluster(engine, photos, tmp_path):
     (tmp_path / "file").write_text("x")
     cases = [

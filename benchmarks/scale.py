@@ -1,0 +1,231 @@
+"""Throughput of `sodiff-batch` (1 and 2 workers) against one `sodiff-run` process on the same
+images, and `sodiff-serve`'s latency at 1, 4 and 16 concurrent clients.
+
+    python benchmarks/scale.py                    # exports the bundled model (weights/tiny)
+    python benchmarks/scale.py --engine DIR --images 40 --replicas 2
+
+Every command runs as a user runs it (a fresh process; sodiff-batch starts its own local Ray
+cluster), timed end to end, from one run each. Where the time goes comes from the commands'
+own reports: the sum of per-image milliseconds against the wall time, and a bare
+`ray.init()` + `ray.shutdown()`. Writes benchmarks/results/scale-cpu.{json,md}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import _common as C  # noqa: E402
+
+BIN = Path(sys.executable).parent
+DYNAMIC = ((8, 8), (256, 256), (512, 512))  # BSDS500's 481x321 photos run untiled
+QUALITIES = (10, 20, 30, 40)                 # the JPEGs' qualities, in turn
+CLIENTS = (1, 4, 16)
+REQUESTS_PER_CLIENT = 4                      # requests each client sends, one after another
+START_S = 300                                # a cold cluster and its replicas, on busy cores
+
+
+def make_images(folder: Path, n: int) -> list[Path]:
+    """`n` BSDS500 test photos re-encoded at QF 10..40."""
+    from PIL import Image
+
+    names = sorted((C.SHARED_DATA / "BSDS500" / "test").glob("*.jpg"))[:n]
+    if len(names) < n:
+        raise click.ClickException(f"{C.SHARED_DATA}/BSDS500/test has {len(names)} JPEGs, "
+                                   f"fewer than --images {n}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(names):
+        with Image.open(p) as im:
+            im.convert("RGB").save(folder / p.name, quality=QUALITIES[i % len(QUALITIES)])
+    return sorted(folder.glob("*.jpg"))
+
+
+def export_bundled(out: Path) -> Path:
+    from export.options import ExportOptions
+    from export.pipeline import run_export
+
+    run_export(ExportOptions(out=out, dynamic=DYNAMIC), log=lambda m: None)
+    return out
+
+
+def timed(argv: list[str]) -> tuple[float, str]:
+    """(wall seconds, stdout) of a command that must succeed."""
+    t = time.perf_counter()
+    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t
+    if done.returncode != 0:
+        raise click.ClickException(f"{' '.join(argv)} failed ({done.returncode}): "
+                                   f"{done.stderr[-2000:]}")
+    return wall, done.stdout
+
+
+def images_ms(lines: list[dict]) -> float:
+    """Sum of read + restore + write milliseconds over a report's restored images."""
+    ms = [line["ms"] for line in lines if line.get("ok") and line.get("ms")]
+    return float(sum(m["read"] + m["total"] + m["write"] for m in ms))
+
+
+def ray_startup_s() -> float:
+    code = "import ray; ray.init(include_dashboard=False); ray.shutdown()"
+    return timed([sys.executable, "-c", code])[0]
+
+
+def bench_batch(engine: Path, src: Path, work: Path, n: int) -> dict:
+    run_out = work / "run"
+    wall, report = timed([str(BIN / "sodiff-run"), "--engine", str(engine), "--threads", "1",
+                          "-o", str(run_out), "--report", str(src)])
+    rows = {"sodiff-run --threads 1": {"wall_s": round(wall, 2), "images_s": round(
+        images_ms([json.loads(x) for x in report.splitlines()]) / 1000, 2)}}
+    reference = {p.name: p.read_bytes() for p in run_out.glob("*.png")}
+    for workers in (1, 2):
+        out = work / f"batch{workers}"
+        wall, _ = timed([str(BIN / "sodiff-batch"), str(src), str(out), "--engine",
+                         str(engine), "--workers", str(workers), "--threads", "1"])
+        lines = [json.loads(x) for x in (out / "sodiff-batch.jsonl").read_text().splitlines()]
+        same = {p.name: p.read_bytes() for p in out.glob("*.png")} == reference
+        rows[f"sodiff-batch --workers {workers} --threads 1"] = {
+            "wall_s": round(wall, 2), "images_s": round(images_ms(lines) / 1000, 2),
+            "identical_to_sodiff_run": same}
+    base = rows["sodiff-run --threads 1"]["wall_s"]
+    for row in rows.values():
+        row["time_vs_sodiff_run"] = round(row["wall_s"] / base, 3)
+        row["images_per_s"] = round(n / row["wall_s"], 3)
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: bytes) -> tuple[bool, float]:
+    t = time.perf_counter()
+    try:
+        req = urllib.request.Request(url, data=body, method="POST")
+        with urllib.request.urlopen(req, timeout=600) as r:
+            ok = r.status == 200 and len(r.read()) > 0
+    except (urllib.error.URLError, OSError):
+        ok = False
+    return ok, (time.perf_counter() - t) * 1000
+
+
+def bench_serve(engine: Path, images: list[Path], replicas: int, max_batch: int) -> dict:
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "sodiff-serve"), "--engine", str(engine), "--port",
+                             str(port), "--replicas", str(replicas), "--max-batch",
+                             str(max_batch), "--threads", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t = time.perf_counter()
+        while not _healthy(base):
+            if proc.poll() is not None or time.perf_counter() - t > START_S:
+                raise click.ClickException("sodiff-serve did not start: "
+                                           + proc.stderr.read().decode()[-2000:])
+            time.sleep(0.5)
+        startup = time.perf_counter() - t
+        bodies = [p.read_bytes() for p in images]
+        for b in bodies[:replicas * 2]:
+            post(base + "/restore", b)  # warm-up: each replica's first runs
+        levels = {}
+        for clients in CLIENTS:
+            jobs = [bodies[i % len(bodies)] for i in range(clients * REQUESTS_PER_CLIENT)]
+            t = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                got = list(pool.map(lambda b: post(base + "/restore", b), jobs))
+            wall = time.perf_counter() - t
+            ms = np.array([m for ok, m in got if ok])
+            levels[str(clients)] = {
+                "requests": len(jobs), "failed": sum(not ok for ok, _ in got),
+                "p50_ms": round(float(np.percentile(ms, 50)), 1) if ms.size else None,
+                "p99_ms": round(float(np.percentile(ms, 99)), 1) if ms.size else None,
+                "requests_per_s": round(len(ms) / wall, 3)}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+    return {"replicas": replicas, "max_batch": max_batch, "startup_s": round(startup, 1),
+            "exit_code": rc, "clients": levels}
+
+
+def _healthy(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def render(doc: dict) -> str:
+    m = doc["machine"]
+    lines = [f"# sodiff-batch and sodiff-serve on {m['name']}", "",
+             f"{doc['images']} BSDS500 test photos (481x321, JPEG QF 10-40), the bundled "
+             f"model (`weights/tiny`) as ONNX, onnxruntime 1 thread per process/worker; one "
+             f"run each, wall time of the whole command (Ray start-up included). Load average "
+             f"before / after: {doc['load_before']} / {doc['load_after']}.", "",
+             "| command | wall s | images s (sum) | time vs sodiff-run | images/s | "
+             "identical |", "|---|---|---|---|---|---|"]
+    for name, r in doc["batch"].items():
+        lines.append(f"| `{name}` | {r['wall_s']} | {r['images_s']} | "
+                     f"{r['time_vs_sodiff_run']} | {r['images_per_s']} | "
+                     f"{r.get('identical_to_sodiff_run', '-')} |")
+    s = doc["serve"]
+    lines += ["", f"A bare `ray.init()` + `ray.shutdown()`: {doc['ray_startup_s']} s.", "",
+              f"## sodiff-serve: {s['replicas']} replicas, --max-batch {s['max_batch']} "
+              f"(start-up {s['startup_s']} s, exit code {s['exit_code']} after SIGINT)", "",
+              "| clients | requests | failed | p50 ms | p99 ms | requests/s |",
+              "|---|---|---|---|---|---|"]
+    for c, r in s["clients"].items():
+        lines.append(f"| {c} | {r['requests']} | {r['failed']} | {r['p50_ms']} | "
+                     f"{r['p99_ms']} | {r['requests_per_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--engine", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Engine dir (default: export the bundled model for this run).")
+@click.option("--images", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=C.RESULTS_DIR / "scale-cpu",
+              show_default=True, help="Results, without the .json/.md extension.")
+def main(engine, images, replicas, max_batch, out):
+    """Run the benchmark; see the module docstring."""
+    load_before = C.load_average()
+    with tempfile.TemporaryDirectory(prefix="sodiff-scale-") as tmp:
+        work = Path(tmp)
+        engine = engine or export_bundled(work / "engine")
+        photos = make_images(work / "src", images)
+        doc = {"kind": "sodiff-scale", "created": C.now_utc(), "images": images,
+               "machine": C.machine_info("cpu"), "versions": C.versions(),
+               "load_before": load_before}
+        doc["ray_startup_s"] = round(ray_startup_s(), 2)
+        doc["batch"] = bench_batch(engine, work / "src", work, images)
+        doc["serve"] = bench_serve(engine, photos, replicas, max_batch)
+    doc["load_after"] = C.load_average()
+    C.write_json(out.with_suffix(".json"), doc)
+    C.write_text(out.with_suffix(".md"), render(doc))
+    click.echo(render(doc))
+
+
+if __name__ == "__main__":
+    main()
