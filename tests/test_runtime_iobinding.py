@@ -34,6 +34,7 @@ class FakeValue:
             @staticmethod
             def ortvalue_from_numpy(x, device="cpu", device_id=0):
                 log["uploads"].append(x.shape)  # CUDA copies the host array
+                log["upload_dtypes"].append(x.dtype)
                 return cls(log, real_ort.OrtValue.ortvalue_from_numpy(np.array(x, copy=True)),
                            device, "host")
 
@@ -50,6 +51,7 @@ class FakeValue:
 
     def update_inplace(self, x):
         self.log["uploads"].append(x.shape)
+        self.log["upload_dtypes"].append(x.dtype)
         self.real.update_inplace(x)
 
     def data_ptr(self):
@@ -136,7 +138,8 @@ class FakeSession:
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    log = {k: [] for k in ("uploads", "allocs", "downloads", "feeds", "host_runs", "replays")}
+    log = {k: [] for k in ("uploads", "upload_dtypes", "allocs", "downloads", "feeds",
+                           "host_runs", "replays")}
     log.update(providers={}, refuse_graph=set())
     fake = types.ModuleType("onnxruntime")
     fake.__spec__ = real_ort.__spec__
@@ -207,6 +210,10 @@ def test_cuda_static_dir_replays_one_graph_per_shape_set(fake_cuda, dirs):
     # Buffers of a set are allocated once: the encoder's staged input and its output, the
     # UNet's and the decoder's outputs.
     assert fake_cuda["allocs"].count((2, 3, 64, 64)) == 4
+    # An fp16 dir: images and prompts are cast on the host before the upload (tau is float32).
+    dtypes = {(len(shape), str(dt)) for shape, dt in zip(fake_cuda["uploads"],
+                                                         fake_cuda["upload_dtypes"])}
+    assert dtypes == {(4, "float16"), (3, "float16"), (1, "float32")}
 
 
 def test_cuda_graph_refused_by_onnxruntime_still_runs_bound(fake_cuda, dirs):
@@ -214,9 +221,10 @@ def test_cuda_graph_refused_by_onnxruntime_still_runs_bound(fake_cuda, dirs):
     image = rand((150, 99, 3))
     with Restorer(dirs["static"], device="cuda") as r:
         out = r.restore(image)
-        unet = r.engines["unet"].backend
-        assert not unet.cuda_graph and "partitioned" in unet.graph_note
-        assert r.engines["vae_encoder"].backend.cuda_graph
+        report = r.engines.io_report()
+    assert not report["unet"]["cuda_graph"] and "partitioned" in report["unet"]["graph_note"]
+    assert report["vae_encoder"] == {"resident": True, "device": "cuda", "cuda_graph": True,
+                                     "graph_note": None, "hops": 0}
     assert np.array_equal(out, image)
 
 

@@ -195,6 +195,15 @@ class Engines:
     def __contains__(self, name: str) -> bool:
         return name in self.components
 
+    def io_report(self) -> dict[str, dict]:
+        """Per component: whether it runs device-resident, where its tensors live, whether it
+        captures CUDA graphs (and why not, when onnxruntime refused), and its host hops."""
+        return {name: {"resident": c.resident,
+                       "device": getattr(c.backend, "device", "host"),
+                       "cuda_graph": bool(getattr(c.backend, "cuda_graph", False)),
+                       "graph_note": getattr(c.backend, "graph_note", None), "hops": c.hops}
+                for name, c in self.components.items()}
+
     def close(self) -> None:
         for comp in self.components.values():
             comp.close()
