@@ -92,10 +92,12 @@ def _extra_files(entry: dict) -> list[tuple[str, str]]:
 
 
 def file_entry(out: Path, file: str, external: str | None) -> dict:
-    """`file`, `sha256` and `external_data` of a model file in `out`."""
-    return {"file": file, "sha256": sha256_file(out / file),
+    """`file`, `sha256`, `bytes` and `external_data` of a model file in `out` (the runtime
+    compares the sizes even when it skips the hashes)."""
+    return {"file": file, "sha256": sha256_file(out / file), "bytes": (out / file).stat().st_size,
             "external_data": None if external is None else
-            {"file": external, "sha256": sha256_file(out / external)}}
+            {"file": external, "sha256": sha256_file(out / external),
+             "bytes": (out / external).stat().st_size}}
 
 
 def build_manifest(*, version: str, cfg: Any, random_weights: bool, checkpoint: dict,

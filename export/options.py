@@ -14,6 +14,11 @@ from .targets import get_target, suggest
 TIMESTEP_MODES = ("predicted", "fixed", "calibrated")
 PRECISIONS = ("fp32", "fp16")
 MIN_PREDICTOR_SIDE = 8  # the predictor's stem is one 8x8 JPEG block
+# The largest engines worth building: the runtime refuses dirs beyond these (runtime/config.py
+# MAX_ENGINE_SIDE, MAX_ENGINE_BATCH) and tiles larger images through smaller engines anyway;
+# an SD2.1 UNet at 16384 px already needs ~100 GB of activations per image.
+MAX_SIDE = 16384
+MAX_BATCH = 256
 
 Size = tuple[int, int]  # (H, W)
 
@@ -185,7 +190,20 @@ def _check_precision(opts: ExportOptions, target, problems: list[str]) -> None:
                             f"{target.name} (choose from {', '.join(target.precisions)})")
 
 
+def _check_bounds(opts: ExportOptions, problems: list[str]) -> None:
+    sizes = [opts.shape] if opts.shape is not None else list(opts.dynamic or ())
+    big = [f"{h}x{w}" for h, w in sizes if max(h, w) > MAX_SIDE]
+    if big:
+        problems.append(f"image size {', '.join(big)} is over {MAX_SIDE} px a side: such engines "
+                        f"cannot be held in GPU memory and the runtime refuses them; export a "
+                        f"smaller MAX (the runtime tiles larger images)")
+    if len(opts.batch) == 3 and opts.batch[2] > MAX_BATCH:
+        problems.append(f"--batch max {opts.batch[2]} is over {MAX_BATCH}: the runtime refuses "
+                        f"such dirs; images are tiled, so a few tiles per call saturate a GPU")
+
+
 def _check_shapes(opts: ExportOptions, target, problems: list[str]) -> None:
+    _check_bounds(opts, problems)
     if opts.shape is not None and opts.dynamic is not None:
         problems.append("--shape (static) and --dynamic (a range) exclude each other")
     if opts.dynamic is not None:

@@ -73,6 +73,9 @@ def main(engine, inputs, output, fmt, quality, overwrite, backend, device, tile,
             timestep=timestep, threads=threads, verify_hashes=not no_verify))
     except (EngineDirError, BackendError, ValueError) as e:
         _die(str(e), EXIT_UNUSABLE)
+    if no_verify:
+        click.echo("warning: --no-verify: the model files' sha256 hashes are not checked (only "
+                   "their sizes)", err=True)
     say = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731 - keeps the bar intact
     bar = lambda total: tqdm(total=total, unit="image", file=sys.stderr, disable=None)  # noqa
     with restorer:

@@ -26,6 +26,13 @@ MIN_PREDICTOR_SIDE = 8           # the predictor's 8x8 stride-8 stem needs at le
 HASH_CHUNK = 1 << 20             # bytes read at a time when hashing model files
 RESIZE_ROWS = 64                 # image rows converted to float at a time for SAIPE's resize
 
+# Bounds on what a manifest may claim (checked before anything is allocated). An export writes
+# ~20 KB of manifest nested 6 deep; no model needs tiles wider than this or batches this large.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_DEPTH = 32
+MAX_ENGINE_SIDE = 16384          # pixels per side of the largest image an engine takes
+MAX_ENGINE_BATCH = 256
+
 # Image I/O
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}

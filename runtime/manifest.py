@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .config import (ALWAYS, BACKENDS, COMPONENT_IO, DTYPES, FORMAT, FORMAT_VERSIONS, HASH_CHUNK,
-                     MANIFEST, TIMESTEP_MODES)
+                     MANIFEST, MAX_ENGINE_BATCH, MAX_ENGINE_SIDE, MAX_MANIFEST_BYTES,
+                     MAX_MANIFEST_DEPTH, TIMESTEP_MODES)
 from .errors import EngineDirError
 
 REEXPORT = "re-export the dir with sodiff-export"
@@ -35,6 +37,7 @@ class ComponentSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     trt: dict[str, Any] | None    # engines: version, compute_capability, profiles
+    sizes: tuple[tuple[Path, int], ...] = ()  # recorded byte sizes of its files (newer exports)
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -55,6 +58,7 @@ class Manifest:
     max_shape: tuple[int, int]    # (H, W) the engines accept at most
     components: dict[str, ComponentSpec]
     raw: dict[str, Any]           # the parsed JSON, for reports
+    batch: tuple[int, int] = (1, 1)  # (min, max) batch the engines take
 
     @property
     def predicted(self) -> bool:
@@ -76,7 +80,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = True) -> Manifest:
     if fmt != FORMAT:
         raise _fail(root, f"{MANIFEST} has format {fmt!r}, not {FORMAT!r}",
                     "pass a dir written by sodiff-export")
-    if version not in FORMAT_VERSIONS:
+    if type(version) is not int or version not in FORMAT_VERSIONS:  # True == 1: not a version
         raise _fail(root, f"format_version {version!r} is not supported (this runtime reads "
                           f"{', '.join(map(str, FORMAT_VERSIONS))})",
                     "upgrade sodiff-run or re-export the dir with a matching sodiff-export")
@@ -90,17 +94,44 @@ def read_manifest(root: str | Path, verify_hashes: bool = True) -> Manifest:
 
 
 def _load_json(root: Path) -> dict[str, Any]:
-    path = root / MANIFEST
+    try:
+        path = safe_path(root, MANIFEST, MANIFEST)
+    except ValueError as e:
+        raise _fail(root, str(e), "copy the dir with its own manifest.json") from None
     if not path.is_file():
         raise _fail(root, f"no {MANIFEST} (an unfinished or interrupted export)",
                     "run sodiff-export again to completion")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise _fail(root, f"{MANIFEST} is {size / 2 ** 20:.1f} MiB, more than any export writes "
+                          f"(at most {MAX_MANIFEST_BYTES // 2 ** 20} MiB)", REEXPORT)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _fail(root, f"{MANIFEST} is not valid JSON ({e})", REEXPORT) from None
+        text = path.read_text(encoding="utf-8")
+        depth = json_depth(text)
+        if depth > MAX_MANIFEST_DEPTH:
+            raise ValueError(f"nested {depth} levels deep (an export nests at most "
+                             f"{MAX_MANIFEST_DEPTH})")
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, 5000-digit numbers
+        raise _fail(root, f"{MANIFEST} is not valid JSON ({str(e).splitlines()[0]})",
+                    REEXPORT) from None
     if not isinstance(data, dict):
         raise _fail(root, f"{MANIFEST} is not a JSON object", REEXPORT)
     return data
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in JSON `text`, counted without parsing it
+    (strings removed first), so a hostile file cannot recurse the parser."""
+    depth = deepest = 0
+    for m in _BRACKET.finditer(_STRING.sub('""', text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _pos_int(value: Any, what: str) -> int:
@@ -112,7 +143,22 @@ def _pos_int(value: Any, what: str) -> int:
 def _hw(value: Any, what: str) -> tuple[int, int]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise ValueError(f"{what}={value!r} must be [H, W]")
-    return _pos_int(value[0], what), _pos_int(value[1], what)
+    h, w = _pos_int(value[0], what), _pos_int(value[1], what)
+    if max(h, w) > MAX_ENGINE_SIDE:
+        raise ValueError(f"{what}={[h, w]} is beyond any engine ({MAX_ENGINE_SIDE} px a side at "
+                         f"most; re-export with a smaller --dynamic MAX)")
+    return h, w
+
+
+def _batch(shapes: dict[str, Any]) -> tuple[int, int]:
+    b = shapes.get("batch", {"min": 1, "max": 1})
+    if not isinstance(b, dict):
+        raise ValueError(f"shapes.batch={b!r} must be an object with min and max")
+    lo, hi = _pos_int(b["min"], "shapes.batch.min"), _pos_int(b["max"], "shapes.batch.max")
+    if lo > hi or hi > MAX_ENGINE_BATCH:
+        raise ValueError(f"shapes.batch.min={lo}, shapes.batch.max={hi}: need min <= max <= "
+                         f"{MAX_ENGINE_BATCH}")
+    return lo, hi
 
 
 def _parse(root: Path, d: dict[str, Any]) -> Manifest:
@@ -134,13 +180,43 @@ def _parse(root: Path, d: dict[str, Any]) -> Manifest:
     missing = [c for c in wanted if c not in comps]
     if missing:
         raise ValueError(f"components {missing} are missing (timestep mode {mode})")
-    return Manifest(
+    man = Manifest(
         root=root, timestep_mode=mode, timestep_value=value, qf_table=_qf_table(ts.get("qf_table")),
         saipe_size=_pos_int(image["saipe_size"], "image.saipe_size"), pad_multiple=m,
         vae_factor=_pos_int(image["vae_factor"], "image.vae_factor"),
         latent_channels=_pos_int(image["latent_channels"], "image.latent_channels"),
         static=shapes["mode"] == "static" or lo == hi, min_shape=lo, max_shape=hi,
-        components={c: _component(root, c, comps[c], mode) for c in wanted}, raw=d)
+        components={c: _component(root, c, comps[c], mode) for c in wanted}, raw=d,
+        batch=_batch(shapes))
+    _check_agreement(man)
+    return man
+
+
+def _fixed(spec: ComponentSpec, tensor: str, axis: int) -> int | None:
+    """A tensor's dim when the manifest fixes it (an int), else None (a symbol)."""
+    shape = next(t.shape for t in (*spec.inputs, *spec.outputs) if t.name == tensor)
+    return shape[axis] if axis < len(shape) and isinstance(shape[axis], int) else None
+
+
+def _check_agreement(man: Manifest) -> None:
+    """The components' fixed dims must agree with the image fields and with each other: a
+    wrong saipe_size, latent_channels or channel count would fail every image one by one."""
+    c, want = man.components, []
+    want += [(f"image.saipe_size={man.saipe_size}", _fixed(c["saipe"], "image", ax),
+              man.saipe_size, f"saipe's image input dim {ax}") for ax in (2, 3)]
+    for name, tensor in (("vae_encoder", "latent"), ("unet", "latent"), ("unet", "clean_latent"),
+                         ("vae_decoder", "clean_latent")):
+        want.append((f"image.latent_channels={man.latent_channels}", _fixed(c[name], tensor, 1),
+                     man.latent_channels, f"{name}'s {tensor} channels"))
+    for name in ("vae_encoder", "vae_decoder", "saipe") + (("predictor",) if man.predicted else ()):
+        want.append(("3 colour channels", _fixed(c[name], "image", 1), 3,
+                     f"{name}'s image channels"))
+    for field, got, expected, what in want:
+        if got is not None and got != expected:
+            raise ValueError(f"{what} is {got}, but {field}")
+    for t in c["unet"].inputs:
+        if t.name == "timestep" and t.dtype != "float32":
+            raise ValueError(f"unet's timestep input has dtype {t.dtype}; tau is float32")
 
 
 def _qf_table(t: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -179,7 +255,20 @@ def _component(root: Path, name: str, c: dict[str, Any], mode: str) -> Component
         backend=c["backend"], precision=str(c.get("precision", "fp32")),
         inputs=_tensors(c["inputs"], ins, f"components.{name}.inputs"),
         outputs=_tensors(c["outputs"], outs, f"components.{name}.outputs"),
-        trt=c.get("trt"))
+        trt=c.get("trt"), sizes=_sizes(root, name, c))
+
+
+def _sizes(root: Path, name: str, c: dict[str, Any]) -> tuple[tuple[Path, int], ...]:
+    """(file, bytes) of the entry and its external data where the manifest records them."""
+    found = []
+    for entry, what in ((c, f"components.{name}"), (c.get("external_data"),
+                                                     f"components.{name}.external_data")):
+        if isinstance(entry, dict) and "bytes" in entry:
+            size = entry["bytes"]
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(f"{what}.bytes={size!r} must be a byte count")
+            found.append((safe_path(root, entry["file"], f"{what}.file"), size))
+    return tuple(found)
 
 
 def safe_path(root: Path, rel: Any, what: str) -> Path:
@@ -193,7 +282,7 @@ def safe_path(root: Path, rel: Any, what: str) -> Path:
     full = root / rel
     try:
         inside = full.resolve().is_relative_to(root.resolve())
-    except OSError as e:  # a link loop
+    except (OSError, RuntimeError) as e:  # a link loop (Python 3.11 raises RuntimeError)
         raise ValueError(f"{what}={rel!r} cannot be resolved ({e})") from None
     if not inside:
         raise ValueError(f"{what}={rel!r} is a link to {full.resolve()}, outside the engine dir")
@@ -217,6 +306,11 @@ def _check_files(manifest: Manifest, verify_hashes: bool) -> None:
             if not path.is_file():
                 raise _fail(root, f"{comp.name}'s file {rel} is missing",
                             "copy the complete dir, or " + REEXPORT)
+            size = dict(comp.sizes).get(path)  # the hash covers it; without one, the size
+            if not verify_hashes and size is not None and path.stat().st_size != size:
+                raise _fail(root, f"{rel} has {path.stat().st_size} bytes, {MANIFEST} records "
+                                  f"{size} (truncated or modified)",
+                            "copy the file again, or " + REEXPORT)
             if verify_hashes and sha256_file(path) != digest:
                 raise _fail(root, f"{rel} does not match its sha256 in {MANIFEST} (modified, "
                                   f"truncated or swapped)", "copy the file again, or " + REEXPORT)

@@ -138,3 +138,15 @@ def test_cli_refuses_foreign_output_folder(tmp_path):
     r = CliRunner().invoke(main, ["--preset", "tiny", "--random-weights", "--out", str(out)])
     assert r.exit_code == 1 and "not from sodiff-export" in r.output
     assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(dynamic=((8, 8), (256, 256), (1_000_000, 1_000_000))), "16384"),
+    (dict(shape=(512, 20_000)), "16384"),
+    (dict(batch=(1, 1, 100_000)), "256")])
+def test_sizes_are_bounded(tmp_path, kw, match):
+    """Engines past these sizes cannot be built or held, and the runtime refuses their dirs:
+    the export says so before loading anything."""
+    with pytest.raises(OptionError, match=match):
+        validate_options(ExportOptions(out=tmp_path / "e", preset="tiny", random_weights=True,
+                                       **kw))

@@ -97,6 +97,9 @@ def test_hash_check_can_be_skipped_but_io_is_still_checked(engine):
     m.graph.output[0].name = "pixels"
     onnx.save(m, str(engine / "vae_decoder.onnx"))
     refused(engine, "does not match its sha256")
+    refused(engine, "vae_decoder.onnx has", "bytes", verify_hashes=False)  # the size differs
+    size = (engine / "vae_decoder.onnx").stat().st_size
+    edit_manifest(engine, lambda d: d["components"]["vae_decoder"].update(bytes=size))
     refused(engine, "outputs ['pixels']", "but the manifest says", verify_hashes=False)
 
 
