@@ -44,6 +44,8 @@ EXIT_FAILED, EXIT_UNUSABLE = 1, 2
               show_default=True, help="onnxruntime provider (auto: CUDA when installed).")
 @click.option("--tile", type=click.IntRange(min=1), help="Tile side in pixels.")
 @click.option("--overlap", type=click.IntRange(min=0), help="Tile overlap in pixels.")
+@click.option("--tile-batch", type=click.IntRange(min=1), help="Tiles per engine call "
+              "(default: the engines' largest batch, shapes.batch.max).")
 @click.option("--timestep", type=click.Choice(CHOICES_TIMESTEP), default="model",
               show_default=True, help="As sodiff-run's.")
 @click.option("--max-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS,
@@ -55,8 +57,8 @@ EXIT_FAILED, EXIT_UNUSABLE = 1, 2
 @click.option("--retries", type=click.IntRange(min=0), default=DEFAULT_RETRIES,
               show_default=True, help="Reruns of the unfinished images after a worker dies.")
 def main(src, dst, engine, workers, cpus_per_worker, gpus_per_worker, address, threads, fmt,
-         quality, overwrite, backend, device, tile, overlap, timestep, max_pixels, no_verify,
-         report_path, retries):
+         quality, overwrite, backend, device, tile, overlap, tile_batch, timestep, max_pixels,
+         no_verify, report_path, retries):
     """Restore every image of SRC into the folder DST on a Ray cluster.
 
     SRC: a folder (searched recursively), a glob pattern, or a .txt/.lst/.csv file listing
@@ -76,7 +78,8 @@ def main(src, dst, engine, workers, cpus_per_worker, gpus_per_worker, address, t
 
     cluster = ClusterOptions(address, workers, cpus_per_worker, gpus_per_worker)
     restore = RestoreOptions(backend=backend, device=device, tile=tile, overlap=overlap,
-                             timestep=timestep, threads=threads, verify_hashes=not no_verify)
+                             tile_batch=tile_batch, timestep=timestep, threads=threads,
+                             verify_hashes=not no_verify)
     try:
         validate_cluster(cluster)
         check_engine(engine, restore)

@@ -49,12 +49,14 @@ EXIT_UNUSABLE = 2
               show_default=True, help="onnxruntime provider (auto: CUDA when installed).")
 @click.option("--tile", type=click.IntRange(min=1), help="Tile side in pixels.")
 @click.option("--overlap", type=click.IntRange(min=0), help="Tile overlap in pixels.")
+@click.option("--tile-batch", type=click.IntRange(min=1), help="Tiles per engine call "
+              "(default: the engines' largest batch, shapes.batch.max).")
 @click.option("--timestep", type=click.Choice(CHOICES_TIMESTEP), default="model",
               show_default=True, help="As sodiff-run's.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files.")
 def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, port,
          max_bytes, max_pixels, quality, address, threads, backend, device, tile, overlap,
-         timestep, no_verify):
+         tile_batch, timestep, no_verify):
     """Serve restoration over HTTP: POST an image to /restore[?format=png|jpg|webp], get the
     restored image back (tau, QF and timings in X-SODiff-* and Server-Timing headers).
     GET /healthz reports liveness. Ctrl-C (or SIGTERM) stops the server."""
@@ -64,7 +66,8 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
     from .cluster import ClusterError, check_engine, connect, disconnect
 
     restore = RestoreOptions(backend=backend, device=device, tile=tile, overlap=overlap,
-                             timestep=timestep, threads=threads, verify_hashes=not no_verify)
+                             tile_batch=tile_batch, timestep=timestep, threads=threads,
+                             verify_hashes=not no_verify)
     try:
         check_engine(engine, restore)
         if address is None:

@@ -142,6 +142,30 @@ def test_bad_bodies_get_one_line_4xx(server, body, status, words):
     assert len(data.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("tile_batch", [1, 4])
+def test_a_serve_batch_call_restores_each_image_as_restore_does(tmp_path, tile_batch):
+    """The replica's batch handler in-process: tile batch 1 restores image by image with full
+    info; 4 goes through Restorer.restore_batch. Either way, each output is `restore`'s."""
+    import numpy as np
+
+    from fixtures.runtime_engines import edit_manifest, identity_engine
+    from runtime import Restorer, RestoreOptions
+    from scale.service import RestoreService, ServeOptions
+
+    eng = identity_engine(tmp_path / "engine")
+    edit_manifest(eng, lambda m: m["shapes"].update(batch={"min": 1, "opt": 4, "max": 4}))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8)
+              for shape in ((40, 56, 3), (40, 56, 3), (33, 20, 3), (40, 56))]
+    opts = RestoreOptions(threads=1, tile_batch=tile_batch)
+    service = RestoreService(str(eng), opts, ServeOptions())
+    results = service._restore_group([(a, None) for a in images])
+    with Restorer(eng, opts) as r:
+        for image, (out, info, batch) in zip(images, results):
+            assert batch == len(images) and np.array_equal(out, r.restore(image))
+            assert ("tau" in info) == (tile_batch == 1) and info["ms"]["total"] > 0
+
+
 def test_zzz_shuts_down_cleanly(server):  # named to run last in this module
     url, proc, log = server
     proc.send_signal(signal.SIGINT)
