@@ -228,8 +228,10 @@ def test_tile_batch_above_the_engines_batch_names_both(dirs):
 def test_malformed_batch_in_the_manifest_is_refused(tmp_path, batch):
     root = identity_engine(tmp_path / "bad")
     edit_manifest(root, lambda m: m["shapes"].update(batch=batch))
-    with pytest.raises(EngineDirError, match="shapes.batch=.*re-export"):
+    # The manifest reader or the batch planner refuses it, whichever looks first.
+    with pytest.raises(EngineDirError, match="re-export the dir") as e:
         Restorer(root)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("value, message", [
