@@ -161,7 +161,9 @@ def decaying_logits(t_max: int, mean: float) -> torch.Tensor:
     """Logits `-k * i` over candidates `0..t_max-1` whose softmax has expectation `mean`
     (`0 < mean < (t_max - 1) / 2`): a smooth geometric start, so that the timesteps around
     `mean` all get gradients, unlike a one-hot start."""
-    i = torch.arange(t_max, dtype=torch.float64)
+    # On the CPU whatever the default device: under torch.device("meta") (parameter counts) a
+    # bisection on meta tensors could not read its comparisons.
+    i = torch.arange(t_max, dtype=torch.float64, device="cpu")
     lo, hi = 0.0, 50.0  # the softmax mean falls from (t_max-1)/2 at k=0 towards 0 as k grows
     for _ in range(100):
         k = (lo + hi) / 2

@@ -448,3 +448,16 @@ def test_channels_last_runner_computes_the_same(tiny_model):
     for name in ("vae_encoder", "pipeline"):
         a, b = plain.callable(name, inputs)(), nhwc.callable(name, inputs)()
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_latency_times_the_bundled_checkpoint(tmp_path):
+    """--checkpoint weights/tiny (whose predictor starts from decaying logits) counts its
+    parameters on the meta device and times it: this crashed on Tensor.item() once."""
+    from benchmarks.latency import run_latency
+    ckpt = REPO / "weights" / "tiny"
+    doc = run_latency(_latency_settings(tmp_path, preset=None, random_weights=False,
+                                        checkpoint=ckpt, modules=("predictor", "pipeline"),
+                                        flops=False, runs=1), "test")
+    assert not doc["errors"], doc["errors"]
+    assert doc["model"]["params"]["predictor"] > 0
+    assert {r["module"] for r in doc["measurements"]} == {"predictor", "pipeline"}
