@@ -5,6 +5,7 @@ import sys
 from pathlib import Path, PurePosixPath
 
 import click
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
 
 from runtime.config import (CHOICES_BACKEND, CHOICES_DEVICE, CHOICES_TIMESTEP,
                             DEFAULT_MAX_PIXELS, DEFAULT_QUALITY)
@@ -15,7 +16,8 @@ from .config import (DEFAULT_CPUS_PER_WORKER, DEFAULT_RETRIES, DEFAULT_THREADS,
 EXIT_FAILED, EXIT_UNUSABLE = 1, 2
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("src")
 @click.argument("dst")
 @click.option("--engine", required=True, type=click.Path(path_type=Path),

@@ -42,9 +42,10 @@ def disconnect() -> None:
 
 def check_engine(engine: Path, restore) -> None:
     """Fail on the driver, before any worker starts, for an engine dir or options that cannot
-    work (the hashes are left to the workers, which open the files anyway)."""
+    work: the manifest and (unless --no-verify) every file's sha256, as each worker will.
+    A worker's own failure reaches the user through Ray's logs, tracebacks and all."""
     from runtime.config import validate_options
     from runtime.manifest import read_manifest
 
     validate_options(restore)
-    read_manifest(engine, verify_hashes=False)
+    read_manifest(engine, verify_hashes=restore.verify_hashes)

@@ -3,6 +3,7 @@ the report lines back; when a worker dies, rerun what is not done yet."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
@@ -10,6 +11,11 @@ from runtime.batch import LOCAL, BatchOptions, Job, failure_line
 
 from .config import (BLOCKS_PER_WORKER, DEFAULT_RETRIES, MAX_BLOCK_IMAGES, ClusterOptions)
 from .worker import RestoreWorker, report_line
+
+
+# The last line of a traceback that carries one of the runtime's one-line messages.
+RUNTIME_ERROR = re.compile(r"(?:^|[.\s])(?:EngineDirError|BackendError|ImageError|ValueError): "
+                           r"(.+)$")
 
 
 class JobError(RuntimeError):
@@ -48,10 +54,12 @@ def run_job(jobs: list[Job], engine: str, restore, batch: BatchOptions,
                 todo.pop(line.pop("index"), None)
                 _record(line, summary, report, say)
         except Exception as e:  # noqa: BLE001 - Ray raises many types; sorted out below
+            if _init_failed(e):
+                raise JobError(f"a worker could not start: {first_line(e)}") from None
             if not _worker_died(e) or round_ == retries:
-                raise JobError(f"{_first_line(e)}; {len(todo)} images not done (rerun the same "
+                raise JobError(f"{first_line(e)}; {len(todo)} images not done (rerun the same "
                                f"command to resume: finished outputs are skipped)") from None
-            say(f"warning: a worker died ({_first_line(e)}); rerunning the {len(todo)} "
+            say(f"warning: a worker died ({first_line(e)}); rerunning the {len(todo)} "
                 f"images not done yet")
     return summary
 
@@ -87,19 +95,24 @@ def _record(line: dict, summary: JobSummary, report: TextIO | None,
 
 
 def _worker_died(e: Exception) -> bool:
-    """A worker actor that died while running (killed, lost node), not one that could not
-    start: only the first is worth a rerun."""
+    """A worker actor that died while running (killed, lost node): worth a rerun."""
     import ray.exceptions
 
     return isinstance(e, ray.exceptions.RayActorError) and not e.actor_init_failed
 
 
-def _first_line(e: Exception) -> str:
+def _init_failed(e: Exception) -> bool:
+    import ray.exceptions
+
+    return isinstance(e, ray.exceptions.RayActorError) and e.actor_init_failed
+
+
+def first_line(e: Exception) -> str:
     """The one line of a Ray error worth showing: the runtime's own message when there is
     one (Ray wraps it in tracebacks), else the first line."""
     text = str(e)
     for line in reversed(text.splitlines()):
-        for kind in ("EngineDirError", "BackendError", "ImageError", "ValueError"):
-            if line.startswith(kind + ": "):
-                return line[len(kind) + 2:]
+        found = RUNTIME_ERROR.search(line)
+        if found:
+            return found.group(1)
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)

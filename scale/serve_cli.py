@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import click
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
 
 from runtime.config import (CHOICES_BACKEND, CHOICES_DEVICE, CHOICES_TIMESTEP,
                             DEFAULT_MAX_PIXELS, DEFAULT_QUALITY)
@@ -18,7 +19,8 @@ from .config import (APP_NAME, DEFAULT_CPUS_PER_REPLICA, DEFAULT_HOST, DEFAULT_M
 EXIT_UNUSABLE = 2
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--engine", required=True, type=click.Path(path_type=Path),
               help="Engine dir written by sodiff-export (the same path on every node).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
@@ -124,9 +126,9 @@ def _stop() -> None:
 
 def _reason(e: Exception) -> str:
     """The runtime's own one-line message inside Serve's wrapped traceback, if there is one."""
-    from .job import _first_line
+    from .job import first_line
 
-    return _first_line(e)
+    return first_line(e)
 
 
 def _check_port(host: str, port: int) -> None:

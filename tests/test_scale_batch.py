@@ -230,6 +230,25 @@ def test_remote_listings_follow_the_local_rules(photos, tmp_path):
     assert "no file matches" in none[0].error
 
 
+def test_a_worker_that_cannot_open_the_engine_is_one_line(cluster, engine, photos, tmp_path):
+    import shutil
+
+    broken = tmp_path / "engine"
+    shutil.copytree(engine, broken)
+    unet = broken / "unet.onnx"
+    data = bytearray(unet.read_bytes())
+    data[:64] = b"\xff" * 64  # same size: with --no-verify only loading the graph finds it
+    unet.write_bytes(bytes(data))
+    result = batch(photos, tmp_path / "out", "--engine", broken, "--no-verify")
+    assert result.exit_code == 2
+    ours = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]  # not Ray's log
+    assert len(ours) == 1, result.output[-3000:]
+    assert ours[0].startswith("error: a worker could not start: onnxruntime cannot load")
+    assert not outputs(tmp_path / "out")
+    checked = batch(photos, tmp_path / "out", "--engine", broken)  # the driver's own check
+    assert checked.exit_code == 2 and "does not match its sha256" in checked.output
+
+
 def test_bad_arguments_are_one_line_errors_before_any_cluster(engine, photos, tmp_path):
     (tmp_path / "file").write_text("x")
     cases = [
