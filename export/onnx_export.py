@@ -70,6 +70,25 @@ def trace_component(module: nn.Module, spec: ComponentSpec, precision: str,
     return raw_dir / f"{spec.name}.onnx"
 
 
+def name_io_dims(path: Path, spec: ComponentSpec) -> None:
+    """Give the graph's inputs and outputs the spec's dims: its symbols (B, H, W, h, w) where
+    shape inference wrote expressions such as `floor(H/2 - 1/2) + 1`, so a plain
+    InferenceSession user sees the manifest's shapes. Weights stay where they are."""
+    model = onnx.load(str(path), load_external_data=False)
+    by_name = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    for v in (*model.graph.input, *model.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        want = by_name[v.name].shape if v.name in by_name else None
+        if want is None or len(dims) != len(want):
+            continue  # check_io reports a mismatch
+        for d, w in zip(dims, want):
+            if isinstance(w, str):
+                d.dim_param = w
+            else:
+                d.dim_value = w
+    onnx.save_model(model, str(path))
+
+
 def finish_component(raw: Path, spec: ComponentSpec, precision: str, dst: Path) -> dict:
     """Clean up the raw graph into `dst` (plus `dst.data` over 2 GB) and check its I/O; the raw
     folder is removed either way, and nothing is left at `dst` if a stage fails. Returns the
@@ -79,6 +98,7 @@ def finish_component(raw: Path, spec: ComponentSpec, precision: str, dst: Path) 
             stats = cleanup(raw, dst)
         except Exception as e:  # noqa: BLE001
             raise ComponentExportError(spec.name, "clean-up", f"{type(e).__name__}: {e}") from e
+        name_io_dims(dst, spec)
         check_io(dst, spec, precision)
         return stats
     except BaseException:

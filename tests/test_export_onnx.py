@@ -217,3 +217,14 @@ def test_cli_export_then_a_crash_leaves_no_manifest(exported, tmp_path, monkeypa
         run_export(ExportOptions(**{**opts.__dict__, "force": True}), log=lambda m: None)
     assert not (eng / "manifest.json").exists()
     assert not list(eng.glob(".raw-*")), "traced graphs of the failed run were left behind"
+
+
+def test_graph_io_dims_use_the_manifest_symbols(exported):
+    """A plain InferenceSession user sees the manifest's shapes: every input and output dim is
+    a fixed int or one of B, H, W, h, w (not `floor(H/2 - 1/2) + 1`), as the manifest says."""
+    eng, comps = exported["root"] / "eng", exported["manifest"]["components"]
+    for name, c in comps.items():
+        sess = session(eng / c["file"])
+        for got, want in ((sess.get_inputs(), c["inputs"]), (sess.get_outputs(), c["outputs"])):
+            assert [(t.name, list(t.shape)) for t in got] == \
+                [(w["name"], w["shape"]) for w in want], name
