@@ -165,7 +165,7 @@ def resolve_backend(manifest: Manifest, opts: RestoreOptions) -> str:
     if opts.backend not in ("auto", kind):
         holds = "TensorRT engines" if kind == "trt" else "ONNX graphs"
         fix = ("use --backend ort, or export ONNX graphs" if kind == "trt" else
-               "use --backend ort, or build engines with sodiff-export --trt")
+               "use --backend ort, or build engines with sodiff-export --target trt")
         raise EngineDirError(f"engine dir {manifest.root} holds {holds}, which --backend "
                              f"{opts.backend} cannot run; {fix}")
     return kind

@@ -76,11 +76,12 @@ def check_machine(manifest: Manifest) -> None:
         if _release(want_v) != _release(version):
             raise EngineDirError(f"engine dir {root}: {comp.path.name} was built with TensorRT "
                                  f"{want_v}, this machine has {version}; rebuild the engines "
-                                 f"here with sodiff-export --trt, or install TensorRT {want_v}")
+                                 f"here with sodiff-export --target trt, or install TensorRT "
+                                 f"{want_v}")
         if str(want_cc) != cc:
             raise EngineDirError(f"engine dir {root}: {comp.path.name} was built for compute "
                                  f"capability {want_cc}, this GPU is {cc}; rebuild the engines "
-                                 f"on this GPU with sodiff-export --trt")
+                                 f"on this GPU with sodiff-export --target trt")
 
 
 class TrtStream:
@@ -142,7 +143,7 @@ class TrtBackend(Backend):
         if self.engine is None:
             raise EngineDirError(f"TensorRT cannot deserialize {self.spec.path} (built by another "
                                  f"TensorRT or for another GPU); rebuild it with "
-                                 f"sodiff-export --trt")
+                                 f"sodiff-export --target trt")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_in = lambda n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT  # noqa: E731
