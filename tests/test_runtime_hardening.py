@@ -36,6 +36,16 @@ def _refused(engine, tmp_path, match: str):
     assert not out.exists()
 
 
+def _setter(field: str, value):
+    """A manifest edit that sets the dotted `field` to `value`."""
+    def change(d):
+        keys = field.split(".")
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+    return change
+
+
 def test_symlink_loop_in_the_dir_is_refused(engine, tmp_path):
     (engine / "unet.onnx").unlink()
     os.symlink("unet.onnx", engine / "unet.onnx")
@@ -65,12 +75,7 @@ def test_oversized_manifest_is_refused(engine, tmp_path):
                                          ("image.saipe_size", True),
                                          ("shapes.batch.max", 1.5)])
 def test_bool_is_not_int(engine, tmp_path, field, value):
-    def change(d):
-        keys = field.split(".")
-        for k in keys[:-1]:
-            d = d[k]
-        d[keys[-1]] = value
-    edit_manifest(engine, change)
+    edit_manifest(engine, _setter(field, value))
     _refused(engine, tmp_path, field.split(".")[-1])
 
 
@@ -85,12 +90,7 @@ def test_manifest_symlinked_from_outside_is_refused(engine, tmp_path):
 @pytest.mark.parametrize("field,value", [("shapes.max", [2 ** 20, 64]),
                                          ("shapes.batch.max", 100_000)])
 def test_absurd_sizes_are_refused(engine, tmp_path, field, value):
-    def change(d):
-        keys = field.split(".")
-        for k in keys[:-1]:
-            d = d[k]
-        d[keys[-1]] = value
-    edit_manifest(engine, change)
+    edit_manifest(engine, _setter(field, value))
     _refused(engine, tmp_path, field.split(".")[-1])
 
 
