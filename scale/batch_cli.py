@@ -5,8 +5,8 @@ import sys
 from pathlib import Path, PurePosixPath
 
 import click
-from runtime.cliopts import CONTEXT_SETTINGS, version_option
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from runtime.config import (CHOICES_BACKEND, CHOICES_DEVICE, CHOICES_TIMESTEP,
                             DEFAULT_MAX_PIXELS, DEFAULT_QUALITY)
 
@@ -72,7 +72,7 @@ def main(src, dst, engine, workers, cpus_per_worker, gpus_per_worker, address, t
     from runtime.config import RestoreOptions
     from runtime.errors import EngineDirError
 
-    from .cluster import ClusterError, check_engine, connect, disconnect
+    from .cluster import ClusterError, check_engine, check_resources, connect, disconnect
     from .config import ClusterOptions, validate_cluster
     from .job import JobError, run_job
     from .sources import find_inputs
@@ -105,6 +105,7 @@ def main(src, dst, engine, workers, cpus_per_worker, gpus_per_worker, address, t
     owned = False
     try:
         owned = connect(address)
+        check_resources(workers, cpus_per_worker, gpus_per_worker, address is None, say)
         with open(report_path, "a", encoding="utf-8") as report:
             summary = run_job(jobs, str(engine), restore, batch, cluster, report, say, retries,
                               files=files_for(src, dst))

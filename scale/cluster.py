@@ -49,3 +49,22 @@ def check_engine(engine: Path, restore) -> None:
 
     validate_options(restore)
     read_manifest(engine, verify_hashes=restore.verify_hashes)
+
+
+def check_resources(workers: int, cpus: float, gpus: float, local: bool,
+                    say=lambda msg: None, what: str = "worker") -> None:
+    """Ray waits forever for actors the cluster cannot hold: refuse them on a local cluster
+    (ClusterError), warn on a remote one (an autoscaler may add nodes)."""
+    import ray
+
+    have = ray.cluster_resources()
+    short = [f"{workers} x {need:g} {kind}s = {workers * need:g}, the cluster has "
+             f"{have.get(kind, 0):g}" for kind, need in (("CPU", cpus), ("GPU", gpus))
+             if need and workers * need > have.get(kind, 0) + 1e-9]
+    if not short:
+        return
+    message = f"not enough resources for the {what}s ({'; '.join(short)})"
+    if local:
+        raise ClusterError(f"{message}; lower --{what}s, --cpus-per-{what} or "
+                           f"--gpus-per-{what}")
+    say(f"warning: {message}; they start only if the cluster grows")

@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 
 import click
-from runtime.cliopts import CONTEXT_SETTINGS, version_option
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from runtime.config import (CHOICES_BACKEND, CHOICES_DEVICE, CHOICES_TIMESTEP,
                             DEFAULT_MAX_PIXELS, DEFAULT_QUALITY)
 
@@ -65,7 +65,7 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
     from runtime.config import RestoreOptions
     from runtime.errors import EngineDirError
 
-    from .cluster import ClusterError, check_engine, connect, disconnect
+    from .cluster import ClusterError, check_engine, check_resources, connect, disconnect
 
     restore = RestoreOptions(backend=backend, device=device, tile=tile, overlap=overlap,
                              tile_batch=tile_batch, timestep=timestep, threads=threads,
@@ -82,6 +82,8 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
     owned = False
     try:
         owned = connect(address)
+        check_resources(replicas, cpus_per_replica, gpus_per_replica, address is None,
+                        lambda msg: click.echo(msg, err=True), what="replica")
         _start(engine, restore, replicas, cpus_per_replica, gpus_per_replica, max_batch, host,
                port, max_bytes, max_pixels, quality)
         click.echo(f"sodiff-serve: http://{host}:{port}  (POST /restore, GET /healthz); "

@@ -249,6 +249,14 @@ def test_a_worker_that_cannot_open_the_engine_is_one_line(cluster, engine, photo
     assert checked.exit_code == 2 and "does not match its sha256" in checked.output
 
 
+def test_workers_the_cluster_cannot_hold_are_refused(cluster, engine, photos, tmp_path):
+    result = batch(photos, tmp_path / "out", "--engine", engine, "--gpus-per-worker", 0.5)
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("error: not enough resources for the workers (2 x 0.5 "
+                                          "GPUs = 1, the cluster has 0); lower --workers, "
+                                          "--cpus-per-worker or --gpus-per-worker")
+
+
 def test_bad_arguments_are_one_line_errors_before_any_cluster(engine, photos, tmp_path):
     (tmp_path / "file").write_text("x")
     cases = [
