@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `sodiff`
 
 import click  # noqa: E402
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from benchmarks._backends import (BACKENDS, Backend, TimingPlan, measure,  # noqa: E402
                                   parse_backends)
@@ -255,7 +256,8 @@ def _settings_from_cli(kw: dict[str, Any]) -> LatencySettings:
 _path = click.Path(path_type=Path)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--preset", help="Architecture preset (sd21, tiny); with --random-weights.")
 @click.option("--random-weights", is_flag=True, help="Time the architecture without weights.")
 @click.option("--checkpoint", type=_path, help="A SODiff checkpoint folder to time.")

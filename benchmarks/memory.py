@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import click
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "memory-cpu.json"
@@ -113,7 +114,8 @@ def run_child(engine: Path, side: int, tile, overlap, threads: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@click.command()
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--engine", type=click.Path(path_type=Path), help="Engine dir (default: export "
                                                                  "the tiny preset to a temp dir).")
 @click.option("--sizes", default="512,4096", show_default=True, help="Square image sides.")

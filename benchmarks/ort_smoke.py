@@ -9,9 +9,16 @@ exit 1, with the reason on one line, otherwise.
 """
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make `runtime.version` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.version import version_line  # noqa: E402 (standard library only)
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -68,7 +75,10 @@ def check(device: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    device = "cpu" if "--cpu" in argv else "cuda"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cpu", action="store_true", help="the CPU provider instead of CUDA")
+    p.add_argument("--version", action="version", version=version_line("ort_smoke.py"))
+    device = "cpu" if p.parse_args(argv).cpu else "cuda"
     try:
         problem = check(device)
     except Exception as e:  # noqa: BLE001 - any import/load/run failure: say it in one line

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `sodiff`
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from benchmarks import _quality as Q  # noqa: E402
 
@@ -196,7 +197,8 @@ def run_quality(s: QualitySettings, command: str = "") -> dict[str, Any]:
 _path = click.Path(path_type=Path)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--jpeg-only", is_flag=True, help="Only the JPEG baseline (no model; fast).")
 @click.option("--checkpoint", type=_path, help="SODiff checkpoint folder (PyTorch).")
 @click.option("--base", type=_path, help="Local SD2.1-base folder for external-base checkpoints.")

@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import click  # noqa: E402
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from benchmarks._report import enrich, merge, render  # noqa: E402
 
@@ -44,7 +45,8 @@ def merge_files(paths: list[Path], out: Path, name: str, command: str = "") -> d
     return doc
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=C.RESULTS_DIR,
               show_default=True)

@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -200,7 +201,8 @@ def render(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-@click.command()
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--engine", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Engine dir (default: export the bundled model for this run).")
 @click.option("--images", type=click.IntRange(min=1), default=40, show_default=True)

@@ -20,6 +20,11 @@ import json
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make `runtime.version` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.version import version_line  # noqa: E402 (standard library only)
+
 DEFAULT_DIR = Path(".ort-parts")
 TRANSFER_MIB = 64          # what one transfer to the lent GPU takes, working tree included
 MARGIN_MIB = 2             # headroom for files the tree gains before the transfer
@@ -114,6 +119,7 @@ def join(folder: Path, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=version_line("wheel_parts.py"))
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("split", help="split WHEEL into parts")
     s.add_argument("wheel", type=Path)

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import click
 
+from .cliopts import CONTEXT_SETTINGS, version_option
 from .config import (CHOICES_BACKEND, CHOICES_DEVICE, CHOICES_TIMESTEP, DEFAULT_MAX_PIXELS,
                      DEFAULT_QUALITY, OUTPUT_SUFFIX, RestoreOptions)
 
 EXIT_FAILED, EXIT_UNUSABLE = 1, 2
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--engine", "engine", required=True, type=click.Path(path_type=Path),
               help="Engine dir written by sodiff-export.")
 @click.argument("inputs", nargs=-1, required=True)

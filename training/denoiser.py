@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from sodiff.base import build_unet, encode_mean
 from sodiff.config import PRESETS, ModelConfig, get_preset
 from sodiff.schedule import add_noise, alphas_cumprod
@@ -287,7 +288,9 @@ def train(cfg: DenoiserConfig) -> Path:
     return final
 
 
-@click.command(help="Pretrain a tiny preset's UNet as a diffusion denoiser (epsilon prediction, "
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS,
+               help="Pretrain a tiny preset's UNet as a diffusion denoiser (epsilon prediction, "
                "SD2.1 schedule) on the stage-0 VAE's latents; writes a base folder to OUT/final.")
 @common.config_options(DenoiserConfig)
 def main(**kwargs) -> None:

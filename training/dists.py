@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
+
 # (torchvision index of the conv, in channels, out channels); stages end before each pool.
 VGG16_CONVS = ((0, 3, 64), (2, 64, 64),
                (5, 64, 128), (7, 128, 128),
@@ -209,7 +211,8 @@ def write_weights(tensors: dict[str, torch.Tensor], out: str | Path) -> Path:
     return out
 
 
-@click.group()
+@version_option()
+@click.group(context_settings=CONTEXT_SETTINGS)
 def cli() -> None:
     """DISTS weights tools."""
 

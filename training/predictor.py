@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from sodiff.config import PRESETS, PredictorConfig, get_preset, validate_config
 from sodiff.jpeg import compress
 from sodiff.predictor import TimestepPredictor
@@ -205,7 +206,9 @@ def train(cfg: PredictorTrainConfig) -> Path:
     return final
 
 
-@click.command(help="Stage 1.5: pretrain the timestep predictor on QF regression alone "
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS,
+               help="Stage 1.5: pretrain the timestep predictor on QF regression alone "
                "(native-resolution crops) and write OUT/final for training.stage2 --predictor.")
 @common.config_options(PredictorTrainConfig)
 def main(**kwargs) -> None:

@@ -15,6 +15,7 @@ import click
 import torch
 import torch.nn.functional as F
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from sodiff import checkpoint
 from sodiff.base import read_base_configs
 from sodiff.config import PRESETS, ModelConfig, get_preset
@@ -155,7 +156,9 @@ def train(cfg: Stage1Config) -> Path:
     return final
 
 
-@click.command(help="Stage 1: train SAIPE, the semantic-aligned image prompt extractor "
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS,
+               help="Stage 1: train SAIPE, the semantic-aligned image prompt extractor "
                "(paper defaults; see README 'Training').")
 @common.config_options(Stage1Config)
 def main(**kwargs) -> None:

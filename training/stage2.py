@@ -26,6 +26,7 @@ import click
 import torch
 from torch import nn
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from sodiff import checkpoint
 from sodiff.base import encode_mean
 from sodiff.config import parse_timestep_mode
@@ -347,7 +348,9 @@ def train(cfg: Stage2Config, perceptual: nn.Module | None = None) -> Path:
     return final
 
 
-@click.command(help="Stage 2: train the one-step diffusion model (LoRA + timestep predictor, "
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS,
+               help="Stage 2: train the one-step diffusion model (LoRA + timestep predictor, "
                "with a UNet discriminator) from a stage-1 checkpoint (see README 'Training').")
 @common.config_options(Stage2Config)
 def main(**kwargs) -> None:

@@ -30,6 +30,8 @@ from pathlib import Path
 import click
 import torch
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
+
 MAX_TOKENS = 77  # CLIP's context length: the prompt SAIPE learns has as many tokens
 SHARD_PATTERN = "embeddings-{:05d}.safetensors"
 INDEX_FILE = "index.jsonl"
@@ -230,7 +232,8 @@ class EmbeddingStore:
         return {**self.__dict__, "_handles": {}}
 
 
-@click.command()
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--captions", required=True, type=click.Path(path_type=Path),
               help="JSON lines {image, box, caption}; relative image paths are relative to "
                    "this file's folder")

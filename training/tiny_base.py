@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 import torch
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from sodiff.base import BaseModelError, build_unet
 from sodiff.config import PRESETS, get_preset
 
@@ -67,7 +68,9 @@ def make_base(vae_dir: str | Path, out: str | Path, preset: str = "tiny-full",
     return out
 
 
-@click.command(help="Build a tiny preset's base folder (UNet with a zeroed output layer + the "
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS,
+               help="Build a tiny preset's base folder (UNet with a zeroed output layer + the "
                "stage-0 VAE) for training.stage1/stage2 --base (see README 'Training').")
 @click.option("--vae", "vae_dir", default=str(DEFAULT_VAE), show_default=True,
               help="stage-0 VAE folder (training.vae's OUT/final)")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from sodiff import metrics
 from sodiff.base import build_vae, decode, encode_mean
 from sodiff.config import PRESETS, ModelConfig, get_preset
@@ -225,7 +226,9 @@ def train(cfg: VAEConfig) -> Path:
     return final
 
 
-@click.command(help="Stage 0: train the preset's VAE (deterministic autoencoder, L1) and "
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS,
+               help="Stage 0: train the preset's VAE (deterministic autoencoder, L1) and "
                "write a diffusers VAE folder to OUT/final.")
 @common.config_options(VAEConfig)
 def main(**kwargs) -> None:
