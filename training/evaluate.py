@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from sodiff import checkpoint, metrics
 from sodiff.jpeg import compress
 from sodiff.model import resize_for_saipe
@@ -79,7 +80,9 @@ def evaluate(model, images: list[tuple[str, np.ndarray]], restore_qfs=RESTORE_QF
             "qf_head_mae": float(np.mean(head)), "head_qfs": list(head_qfs)}
 
 
-@click.command(help="Score a checkpoint's timestep, QF head, prompt and restoration per QF on "
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS,
+               help="Score a checkpoint's timestep, QF head, prompt and restoration per QF on "
                "whole images (issue 13's checks; PyTorch).")
 @click.option("--checkpoint", "ckpt", required=True, help="SODiff checkpoint folder")
 @click.option("--base", default=None, help="SD2.1-base folder for an external-base checkpoint")
