@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 # The main job: export the bundled checkpoint (weights/tiny) to ONNX, restore a JPEG (QF 10) of
 # scikit-image's astronaut photo with the torch-free runtime, write out/demo/.
 demo: $(STAMP)
-	$(PY) -m demo
+	$(PY) -m demo --out out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu"

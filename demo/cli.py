@@ -6,32 +6,40 @@ from pathlib import Path
 
 import click
 
-from .core import PHOTOS, DemoOptions, run_demo, summary
+from runtime.cliopts import CONTEXT_SETTINGS, needs_extra, version_option
+
+from .core import PHOTOS, DemoOptions, cache_dir, run_demo, summary
 
 _DEFAULTS = DemoOptions()
 
 
-@click.command(help="Compress a real photo as JPEG, export the bundled SODiff checkpoint to "
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS,
+               help="Compress a real photo as JPEG, export the bundled SODiff checkpoint to "
                "ONNX, restore the JPEG with the torch-free runtime, and write the restored "
                "image and a side-by-side comparison (JPEG | restored | original).")
 @click.option("--image", default=_DEFAULTS.image, show_default=True,
               help=f"a scikit-image photo ({', '.join(PHOTOS)}) or a clean image file")
 @click.option("--qf", default=_DEFAULTS.qf, show_default=True, type=click.IntRange(1, 100),
               help="JPEG quality factor of the compressed input")
-@click.option("--out", default=str(_DEFAULTS.out), show_default=True,
+@click.option("--out", default=str(_DEFAULTS.out), show_default="the current folder",
               help="folder for the JPEG, the restored image and the comparison")
-@click.option("--engine", default=str(_DEFAULTS.engine), show_default=True,
-              help="engine dir to (re)export into; unchanged components are reused")
+@click.option("--engine", default=None,
+              help="engine dir to (re)export into; unchanged components are reused "
+                   f"[default: {cache_dir()}/engines/tiny for the bundled model; the cache "
+                   f"is $XDG_CACHE_HOME/sodiff]")
 @click.option("--checkpoint", default=None,
-              help="SODiff checkpoint folder [default: the bundled weights/tiny]")
+              help="SODiff checkpoint folder [default: the bundled tiny model]")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="onnxruntime threads (0: onnxruntime decides)")
-def main(image: str, qf: int, out: str, engine: str, checkpoint: str | None,
+def main(image: str, qf: int, out: str, engine: str | None, checkpoint: str | None,
          threads: int) -> None:
+    with needs_extra("sodiff-demo", "export"):  # the demo exports: onnx and torch
+        import export.pipeline  # noqa: F401 (fail here, before any work, when they are absent)
     from export.errors import ExportError
     from runtime.errors import BackendError, EngineDirError, ImageError
 
-    opts = DemoOptions(image, qf, Path(out), Path(engine),
+    opts = DemoOptions(image, qf, Path(out), Path(engine) if engine else None,
                        Path(checkpoint) if checkpoint else None, threads)
     try:
         result = run_demo(opts)

@@ -1,6 +1,8 @@
 """The demo as a library call: `run_demo(DemoOptions(...)) -> DemoResult`."""
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -12,7 +14,7 @@ from PIL import Image
 
 from .figure import comparison, worst_crops
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHE_NAME = "sodiff"  # $XDG_CACHE_HOME/sodiff (default ~/.cache/sodiff) holds exported engines
 PHOTOS = ("astronaut", "coffee", "chelsea")  # real photographs bundled with scikit-image
 # One tile covers every bundled photo (the largest side is 600), so no tile seams; the
 # runtime tiles bigger images with overlap.
@@ -24,8 +26,8 @@ Log = Callable[[str], None]
 class DemoOptions:
     image: str = "astronaut"            # a scikit-image photo name, or a clean image file
     qf: int = 10                        # JPEG quality the photo is compressed at
-    out: Path = REPO_ROOT / "out" / "demo"          # restored image and comparison go here
-    engine: Path = REPO_ROOT / "engines" / "tiny"   # engine dir (re-exported when stale)
+    out: Path = Path(".")               # restored image and comparison go here (the cwd)
+    engine: Path | None = None          # engine dir, re-exported when stale (None: the cache's)
     checkpoint: Path | None = None      # checkpoint folder (None: the bundled weights/tiny)
     threads: int = 0                    # onnxruntime intra-op threads (0: its default)
 
@@ -36,6 +38,26 @@ class DemoResult:
     metrics: dict[str, dict[str, float]]  # {"jpeg": {...}, "restored": {...}}
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     info: dict = field(default_factory=dict)  # the runtime's restore_info (tau, ms per stage)
+
+
+def cache_dir() -> Path:
+    """The user's cache folder for sodiff: `$XDG_CACHE_HOME/sodiff`, else `~/.cache/sodiff`
+    (the XDG rule: an unset, empty or relative XDG_CACHE_HOME means the default)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return root / CACHE_NAME
+
+
+def engine_dir(opts: DemoOptions) -> Path:
+    """`opts.engine`, or the cache's engine dir for the checkpoint: `engines/tiny` for the
+    bundled one, `engines/<name>-<hash of its path>` for another, so two never share one."""
+    if opts.engine is not None:
+        return opts.engine
+    if opts.checkpoint is None:
+        return cache_dir() / "engines" / "tiny"
+    where = str(Path(opts.checkpoint).resolve())
+    return cache_dir() / "engines" / (f"{Path(where).name}-"
+                                      f"{hashlib.sha256(where.encode()).hexdigest()[:8]}")
 
 
 def validate_options(opts: DemoOptions) -> None:
@@ -76,7 +98,7 @@ def export_engine(opts: DemoOptions, log: Log) -> None:
     from export.options import ExportOptions
     from export.pipeline import run_export
 
-    run_export(ExportOptions(out=opts.engine, checkpoint=opts.checkpoint, dynamic=DYNAMIC),
+    run_export(ExportOptions(out=engine_dir(opts), checkpoint=opts.checkpoint, dynamic=DYNAMIC),
                log=log)
 
 
@@ -85,7 +107,7 @@ def restore(opts: DemoOptions, jpeg: np.ndarray, seconds: dict[str, float]
     from runtime import Restorer, RestoreOptions
 
     t = time.perf_counter()
-    with Restorer(opts.engine, RestoreOptions(backend="ort", device="cpu",
+    with Restorer(engine_dir(opts), RestoreOptions(backend="ort", device="cpu",
                                               threads=opts.threads)) as r:
         seconds["load engines"] = time.perf_counter() - t
         t = time.perf_counter()

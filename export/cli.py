@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from runtime.cliopts import CONTEXT_SETTINGS, needs_extra, version_option
+
 from .errors import ExportError
 from .options import (ExportOptions, parse_batch, parse_dynamic, parse_precisions,
                       parse_size)
@@ -16,7 +18,8 @@ from .targets import TARGETS, DEFAULT_OPSET
 _TARGET_HELP = "; ".join(f"{t.name} ({', '.join(t.aliases)}): {t.summary}" for t in TARGETS)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option()
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="Checkpoint folder (default: the bundled weights/tiny).")
 @click.option("--base", type=click.Path(path_type=Path),
@@ -54,22 +57,23 @@ def main(checkpoint, base, preset, random_weights, seed, target, out, timestep, 
     manifest.json for sodiff-run)."""
     # diffusers pulls in transformers, whose import-time notices are noise for this tool.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from .pipeline import run_export
-    try:
-        default_prec, overrides = parse_precisions(precision)
-        opts = ExportOptions(
-            out=out, target=target, checkpoint=checkpoint, base=base, preset=preset,
-            random_weights=random_weights, seed=seed, timestep=timestep,
-            calibration=calibration, precision=default_prec, precision_overrides=overrides,
-            shape=parse_size(shape, "--shape") if shape else None,
-            dynamic=parse_dynamic(dynamic) if dynamic else None, batch=parse_batch(batch),
-            components=tuple(c.strip() for c in components.split(",") if c.strip())
-            if components is not None else None,
-            opset=opset, samples=samples, force=force, timing_cache=timing_cache)
-        path = run_export(opts, log=lambda m: click.echo(m, err=True))
-    except ExportError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+    with needs_extra("sodiff-export", "export"):  # a runtime-only install has no onnx/torch
+        from .pipeline import run_export
+        try:
+            default_prec, overrides = parse_precisions(precision)
+            opts = ExportOptions(
+                out=out, target=target, checkpoint=checkpoint, base=base, preset=preset,
+                random_weights=random_weights, seed=seed, timestep=timestep,
+                calibration=calibration, precision=default_prec, precision_overrides=overrides,
+                shape=parse_size(shape, "--shape") if shape else None,
+                dynamic=parse_dynamic(dynamic) if dynamic else None, batch=parse_batch(batch),
+                components=tuple(c.strip() for c in components.split(",") if c.strip())
+                if components is not None else None,
+                opset=opset, samples=samples, force=force, timing_cache=timing_cache)
+            path = run_export(opts, log=lambda m: click.echo(m, err=True))
+        except ExportError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
     click.echo(str(path))
 
 

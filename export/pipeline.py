@@ -14,7 +14,7 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from sodiff import __version__
+from sodiff import __version__, bundled
 from sodiff.base import BaseModelError
 from sodiff.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError
 from sodiff.config import get_preset
@@ -37,7 +37,7 @@ from .targets import get_target
 from .wrappers import build_wrappers, for_export, fp32_islands
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = REPO_ROOT / "weights" / "tiny"
+DEFAULT_CHECKPOINT = bundled.checkpoint_dir()  # the wheel's copy, or the checkout's weights/tiny
 Log = Callable[[str], None]
 
 
