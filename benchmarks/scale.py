@@ -102,10 +102,20 @@ def bench_batch(engine: Path, src: Path, work: Path, n: int) -> dict:
         rows[f"sodiff-batch --workers {workers} --threads 1"] = {
             "wall_s": round(wall, 2), "images_s": round(images_ms(lines) / 1000, 2),
             "identical_to_sodiff_run": same}
+    return breakdown(rows, n)
+
+
+def breakdown(rows: dict, n: int) -> dict:
+    """Ratios to sodiff-run, and where the wall time goes: the images' own time per worker
+    (read + restore + write, summed over the report, divided by the workers) and the rest
+    (process and Ray start-up, actors opening the engine, scheduling, the last image's tail)."""
     base = rows["sodiff-run --threads 1"]["wall_s"]
-    for row in rows.values():
+    for name, row in rows.items():
+        workers = int(name.split("--workers ")[1].split()[0]) if "--workers" in name else 1
         row["time_vs_sodiff_run"] = round(row["wall_s"] / base, 3)
         row["images_per_s"] = round(n / row["wall_s"], 3)
+        row["images_s_per_worker"] = round(row["images_s"] / workers, 2)
+        row["other_s"] = round(row["wall_s"] - row["images_s_per_worker"], 2)
     return rows
 
 
@@ -183,12 +193,12 @@ def render(doc: dict) -> str:
              f"model (`weights/tiny`) as ONNX, onnxruntime 1 thread per process/worker; one "
              f"run each, wall time of the whole command (Ray start-up included). Load average "
              f"before / after: {doc['load_before']} / {doc['load_after']}.", "",
-             "| command | wall s | images s (sum) | time vs sodiff-run | images/s | "
-             "identical |", "|---|---|---|---|---|---|"]
+             "| command | wall s | time vs sodiff-run | images/s | images s (sum) | "
+             "images s per worker | other s | identical |", "|---|---|---|---|---|---|---|---|"]
     for name, r in doc["batch"].items():
-        lines.append(f"| `{name}` | {r['wall_s']} | {r['images_s']} | "
-                     f"{r['time_vs_sodiff_run']} | {r['images_per_s']} | "
-                     f"{r.get('identical_to_sodiff_run', '-')} |")
+        lines.append(f"| `{name}` | {r['wall_s']} | {r['time_vs_sodiff_run']} | "
+                     f"{r['images_per_s']} | {r['images_s']} | {r['images_s_per_worker']} | "
+                     f"{r['other_s']} | {r.get('identical_to_sodiff_run', '-')} |")
     s = doc["serve"]
     lines += ["", f"A bare `ray.init()` + `ray.shutdown()`: {doc['ray_startup_s']} s.", "",
               f"## sodiff-serve: {s['replicas']} replicas, --max-batch {s['max_batch']} "

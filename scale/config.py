@@ -10,8 +10,11 @@ DEFAULT_CPUS_PER_WORKER = 0.5
 DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 1              # onnxruntime threads per worker: workers share the cores
 DEFAULT_RETRIES = 2              # reruns of the unfinished images after a worker dies
-MAX_BLOCK_IMAGES = 64            # images per Ray Data block at most (a retry's granularity)
-BLOCKS_PER_WORKER = 8            # at least this many blocks per worker, for load balance
+# Ray Data blocks: one image each up to MAX_BLOCKS images (the finest load balance, and a
+# block is what a dead worker's rerun repeats), then MAX_BLOCKS blocks of several images.
+MAX_BLOCKS = 10_000
+TASKS_IN_FLIGHT = 2              # blocks queued on an actor: one running, one ready, so that
+#                                  no actor idles at the end while another holds a queue
 REPORT_NAME = "sodiff-batch.jsonl"  # the job's report, in DST unless --report says otherwise
 LIST_SUFFIXES = (".txt", ".lst", ".csv")  # SRC files that list paths, one per line / row
 CSV_PATH_COLUMN = "path"         # a CSV list's column of paths (else its first column)

@@ -9,7 +9,7 @@ from typing import Callable, TextIO
 
 from runtime.batch import LOCAL, BatchOptions, Job, failure_line
 
-from .config import (BLOCKS_PER_WORKER, DEFAULT_RETRIES, MAX_BLOCK_IMAGES, ClusterOptions)
+from .config import DEFAULT_RETRIES, MAX_BLOCKS, TASKS_IN_FLIGHT, ClusterOptions
 from .worker import RestoreWorker, report_line
 
 
@@ -70,12 +70,11 @@ def _stream(todo: dict[int, Job], worker_args: tuple, cluster: ClusterOptions, w
 
     rows = [{"index": i, "source": str(j.source), "target": str(j.target)}
             for i, j in todo.items()]
-    blocks = min(len(rows), max(cluster.workers * BLOCKS_PER_WORKER,
-                                -(-len(rows) // MAX_BLOCK_IMAGES)))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        worker, fn_constructor_args=worker_args, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=cluster.workers), num_cpus=cluster.cpus,
-        num_gpus=cluster.gpus or None)
+    pool = ray.data.ActorPoolStrategy(size=cluster.workers,
+                                      max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT)
+    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
+    ds = ds.map_batches(worker, fn_constructor_args=worker_args, batch_size=1, compute=pool,
+                        num_cpus=cluster.cpus, num_gpus=cluster.gpus or None)
     for row in ds.iter_rows():
         yield json.loads(row["line"])
 

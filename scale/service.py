@@ -1,6 +1,7 @@
 """`sodiff-serve`'s Ray Serve deployment: POST /restore (an image in, the restored image out,
-tau, QF and timings in headers), GET /healthz. Concurrent requests meet in `@serve.batch`,
-which restores the images of equal shape (so equal tiles) together.
+tau, QF and timings in headers), GET /healthz. Concurrent requests meet in `@serve.batch`;
+with tile batches, `Restorer.restore_batch` sends their same-shape tiles through each engine
+call together.
 
 Bad input is a 400 (not an image) or 413 (body or pixel count over the limits) whose body is
 the runtime's one-line message; nothing reaches the client as a traceback.
@@ -92,8 +93,9 @@ class RestoreService:
         except ImageError as e:
             raise RequestError(413 if isinstance(e, PixelLimitError) else 400, str(e)) from None
         result = await self.restore_many((img.array, img.qf))
-        if isinstance(result, Exception):
-            raise RequestError(400, f"request body: {str(result).splitlines()[0]}")
+        if isinstance(result, Exception):  # ValueError: this image; others: the engines
+            status = 400 if isinstance(result, ValueError) else 500
+            raise RequestError(status, f"request body: {str(result).splitlines()[0]}")
         out, info, batch = result
         data = await asyncio.to_thread(self._encode, out, fmt, img.icc, img.exif)
         return Response(data, media_type=MEDIA_TYPES[fmt], headers=_headers(info, batch))
