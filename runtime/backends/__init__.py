@@ -74,6 +74,11 @@ class Backend(ABC):
     def close(self) -> None:
         """Free sessions, engines and buffers; the backend is unusable afterwards."""
 
+    def graph_io(self) -> dict[str, tuple[str, tuple]]:
+        """What the loaded model itself declares, per input and output: (dtype name, shape
+        with None for a dim it leaves free). Empty: the backend cannot tell (nothing checked)."""
+        return {}
+
     # The device-resident path, for backends with `binds = True`.
     def upload(self, name: str, array: np.ndarray) -> Tensor:
         """`array` (already in the input's dtype) on the device, for input `name`."""
@@ -212,6 +217,44 @@ class Engines:
         self.components, self._shared = {}, []
 
 
+def _dim_ranges(manifest: Manifest) -> dict[str, tuple[int, int]]:
+    """The (least, most) value of each symbolic dim the manifest's shapes fields allow."""
+    (h0, w0), (h1, w1), f = manifest.min_shape, manifest.max_shape, manifest.vae_factor
+    return {"B": manifest.batch, "H": (h0, h1), "W": (w0, w1), "h": (h0 // f, h1 // f),
+            "w": (w0 // f, w1 // f)}
+
+
+def check_graph_io(manifest: Manifest, spec: ComponentSpec, graph: dict) -> None:
+    """Refuse a component whose model disagrees with its manifest entry on an input's or
+    output's dtype or rank, or on a dim that both fix (or that the model fixes where the
+    manifest lets it vary): such a dir would fail every image one by one."""
+    ranges, problems = _dim_ranges(manifest), []
+    for t in (*spec.inputs, *spec.outputs):
+        if t.name not in graph:
+            continue  # names are each backend's own check, made at load
+        dtype, shape = graph[t.name]
+        if dtype != t.dtype:
+            problems.append(f"{t.name} is {dtype} in the model, {t.dtype} in the manifest")
+        if shape is None:
+            continue
+        if len(shape) != len(t.shape):
+            problems.append(f"{t.name} has {len(shape)} dims in the model, {len(t.shape)} "
+                            f"({list(t.shape)}) in the manifest")
+            continue
+        for axis, (got, want) in enumerate(zip(shape, t.shape)):
+            if got is None:
+                continue
+            span = (want, want) if isinstance(want, int) else ranges.get(want, (got, got))
+            if span != (got, got):
+                allowed = want if isinstance(want, int) else f"{want} in {span[0]}..{span[1]}"
+                problems.append(f"{t.name} dim {axis} is fixed to {got} in the model, the "
+                                f"manifest says {allowed}")
+    if problems:
+        raise EngineDirError(f"engine dir {manifest.root}: {spec.path.name} does not match its "
+                             f"manifest entry ({'; '.join(problems)}); re-export the dir with "
+                             f"sodiff-export")
+
+
 def open_engines(manifest: Manifest, opts: RestoreOptions) -> Engines:
     """Check the machine, then load every component of `manifest` on one backend."""
     kind = resolve_backend(manifest, opts)
@@ -233,7 +276,9 @@ def open_engines(manifest: Manifest, opts: RestoreOptions) -> Engines:
         for name, spec in manifest.components.items():
             backend = make(spec)
             backend.load()
+            # Registered first, so that a refusal below closes it with the others.
             engines.components[name] = Component(spec, backend, resident=opts.io_binding)
+            check_graph_io(manifest, spec, backend.graph_io())
     except BaseException:
         engines.close()
         raise

@@ -22,6 +22,8 @@ from ..manifest import ComponentSpec
 from . import GPU_EXTRA, Backend, Tensor
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+# onnxruntime's type strings of the dtypes a manifest may name
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 DEVICE_ID = 0                    # the GPU the providers and OrtValues use
 GRAPH_OPTION = "enable_cuda_graph"  # CUDA provider option: capture and replay CUDA graphs
 GRAPH_ID = "gpu_graph_id"        # run option naming which captured graph a run replays; ids
@@ -152,6 +154,16 @@ class OrtBackend(Backend):
         self._inputs = [t.name for t in self.spec.inputs]
         self._outputs = [t.name for t in self.spec.outputs]
         self._out_dtypes = {t.name: np.dtype(t.dtype) for t in self.spec.outputs}
+
+    def graph_io(self) -> dict[str, tuple[str, tuple | None]]:
+        """The session's own input and output types and shapes (None: a free dim)."""
+        found = {}
+        for arg in (*self.session.get_inputs(), *self.session.get_outputs()):
+            dtype = ORT_TYPES.get(arg.type, arg.type)
+            shape = None if arg.shape is None else tuple(
+                d if isinstance(d, int) and d >= 0 else None for d in arg.shape)
+            found[arg.name] = (dtype, shape)
+        return found
 
     def allocate(self, shapes: dict[str, tuple[int, ...]]) -> None:
         # onnxruntime allocates per run from its arena, which keeps the largest blocks seen:

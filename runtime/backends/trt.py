@@ -156,6 +156,15 @@ class TrtBackend(Backend):
                                  f"re-export the dir with sodiff-export")
         self.static = all(self._fixed(n) for n in self.inputs)
 
+    def graph_io(self) -> dict[str, tuple[str, tuple]]:
+        """The engine's own tensor dtypes and shapes (None: a dim its profile leaves free)."""
+        found = {}
+        for name in (*self.inputs, *self.outputs):
+            dtype = np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name))).name
+            shape = tuple(None if d < 0 else int(d) for d in self.engine.get_tensor_shape(name))
+            found[name] = (dtype, shape)
+        return found
+
     def _fixed(self, name: str) -> bool:
         """An input whose shape cannot change: fixed in the graph, or min == max in the
         profile (what a --shape export builds from a graph with dynamic axes)."""
