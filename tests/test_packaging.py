@@ -206,3 +206,23 @@ def test_extra_modules_are_the_extras_dependencies():
 
     for extra, modules in EXTRA_MODULES.items():
         assert set(modules) <= names(extra), set(modules) - names(extra)
+
+
+def test_demo_writes_to_the_cwd_and_caches_engines_by_xdg(tmp_path, monkeypatch):
+    """The demo's defaults point at the user's folders, never into the installed package."""
+    from demo.core import DemoOptions, cache_dir, engine_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "sodiff"
+    opts = DemoOptions()
+    assert opts.out == Path(".")
+    assert engine_dir(opts) == tmp_path / "xdg" / "sodiff" / "engines" / "tiny"
+    for unusable in ("", "relative/cache"):  # the XDG rule: both mean ~/.cache
+        monkeypatch.setenv("XDG_CACHE_HOME", unusable)
+        assert cache_dir() == Path.home() / ".cache" / "sodiff"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    mine = engine_dir(DemoOptions(checkpoint=tmp_path / "a" / "ckpt"))
+    other = engine_dir(DemoOptions(checkpoint=tmp_path / "b" / "ckpt"))
+    assert mine.parent == other.parent == tmp_path / "xdg" / "sodiff" / "engines"
+    assert mine != other and mine.name.startswith("ckpt-")
+    assert engine_dir(DemoOptions(engine=tmp_path / "e")) == tmp_path / "e"
