@@ -115,8 +115,6 @@ class SODiffPipeline(DiffusionPipeline):
             raise ValueError(f"{folder} is not a saved SODiffPipeline (no model_index.json); "
                              f"pass a folder written by save_pretrained (nothing is downloaded)")
         kwargs.setdefault("local_files_only", True)
-        # Build the parts normally: the predictor's init computes on its parameters.
-        kwargs.setdefault("low_cpu_mem_usage", False)
         return super().from_pretrained(str(folder), **kwargs)
 
     @torch.no_grad()
