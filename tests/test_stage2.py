@@ -310,6 +310,11 @@ def test_configured_pipeline_trains_t_align_and_the_predictor(tmp_path, images):
         assert all(not p.requires_grad and p.grad is None for p in part.parameters())
     off = stage2.prepare_model(config(tmp_path, cfg.init, images, train_align="off"))
     assert not any(p.requires_grad for p in off.saipe.parameters())
+    frozen_cfg = config(tmp_path, cfg.init, images, predictor_lr_scale=0.0)
+    frozen = stage2.prepare_model(frozen_cfg)
+    assert {n for n, p in frozen.predictor.named_parameters() if p.requires_grad} == \
+        {"timestep_head.weight", "timestep_head.bias"}
+    assert "predictor" not in [g["name"] for g in stage2.generator_groups(frozen, frozen_cfg)]
 
 
 def test_stage2_logs_the_predictor_and_warns_on_a_saturated_softmax(tmp_path, images, logged,

@@ -78,6 +78,10 @@ class Stage2Config(TrainConfig):
                                 "at each QF's matching noise level")
     timestep_lr_scale: float = opt(0.05, help="the timestep head's learning rate relative to "
                                    "--lr (its trunk and QF head learn at --lr)")
+    predictor_lr_scale: float = opt(1.0, help="the predictor trunk's and QF head's learning "
+                                    "rate relative to --lr; 0 freezes them (keeps a stage-1.5 "
+                                    "predictor as it is: small training crops would otherwise "
+                                    "pull its whole-image QF estimate)")
 
     @property
     def weights(self) -> Stage2Weights:
@@ -102,6 +106,8 @@ def validate_train_config(cfg: Stage2Config) -> None:
         p.append(f"train_align={cfg.train_align!r} must be one of {ALIGN_CHOICES}")
     if not cfg.timestep_lr_scale > 0:
         p.append(f"timestep_lr_scale={cfg.timestep_lr_scale} must be > 0")
+    if not cfg.predictor_lr_scale >= 0:
+        p.append(f"predictor_lr_scale={cfg.predictor_lr_scale} must be >= 0")
     p += [f"w_{k}={v} must be >= 0" for k, v in vars(cfg.weights).items() if not v >= 0]
     common.raise_problems(p)
 
@@ -201,6 +207,9 @@ def prepare_model(cfg: Stage2Config) -> SODiff:
         model.saipe.t_align.requires_grad_(True)
     # A fixed timestep never runs the predictor: training it would only waste optimizer state.
     model.predictor.requires_grad_(parse_timestep_mode(model.cfg.timestep_mode) is None)
+    if cfg.predictor_lr_scale == 0:  # only the timestep head learns
+        for name, p in model.predictor.named_parameters():
+            p.requires_grad_(p.requires_grad and name.startswith("timestep_head."))
     return model
 
 
@@ -211,7 +220,10 @@ def generator_groups(model: SODiff, cfg: Stage2Config) -> list[dict]:
                "lr": cfg.lr, "lr_scale": 1.0, "name": "unet"},
               {"params": [p for p in model.saipe.parameters() if p.requires_grad],
                "lr": cfg.lr, "lr_scale": 1.0, "name": "t_align"}]
-    groups += model.predictor.param_groups(cfg.lr, cfg.timestep_lr_scale)
+    for g in model.predictor.param_groups(cfg.lr, cfg.timestep_lr_scale):
+        if g["name"] == "predictor":
+            g.update(lr=cfg.lr * cfg.predictor_lr_scale, lr_scale=cfg.predictor_lr_scale)
+        groups.append(g)
     return [g for g in groups if g["params"]]
 
 
