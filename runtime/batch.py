@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Callable, TextIO
 
-from .config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, IMAGE_SUFFIXES, OUTPUT_SUFFIX
+from .config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, OUTPUT_SUFFIX
 from .errors import BackendError, ImageError
-from .imageio import output_format, read_image, write_image
+from .imageio import (check_output_size, check_parent, output_format, read_image,
+                      readable_suffixes, stale_temps, write_image)
 
 GLOB_CHARS = frozenset("*?[")
 
@@ -37,16 +38,24 @@ class BatchOptions:
 class Summary:
     done: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+    not_started: int = 0          # jobs left when a stop was asked for (SIGINT, SIGTERM)
 
 
-def collect_inputs(args: list[str]) -> tuple[list[tuple[Path, Path | None]], list[Job]]:
+def collect_inputs(args: list[str], skipped: list[Path] | None = None
+                   ) -> tuple[list[tuple[Path, Path | None]], list[Job]]:
     """(file, folder it was found under or None) for files, folders (recursive) and globs;
-    plus refused jobs for arguments that match nothing."""
+    plus refused jobs for arguments that match nothing. Files a folder scan passes over as
+    not images are appended to `skipped` when given."""
     found, bad = [], []
     for arg in args:
         p = Path(arg).expanduser()
         if p.is_dir():
-            found += [(f, p) for f in sorted(p.rglob("*")) if _candidate(f)]
+            for f in sorted(p.rglob("*")):
+                if _candidate(f):
+                    found.append((f, p))
+                elif skipped is not None and f.is_file() and \
+                        f.suffix.lower() not in readable_suffixes():
+                    skipped.append(f)
         elif p.exists():
             found.append((p, None))
         elif GLOB_CHARS & set(arg):
@@ -73,7 +82,7 @@ def _candidate(f: Path) -> bool:
 def candidate_name(f: PurePath) -> bool:
     """Whether a file found in a folder is an input by its name: an image, not hidden, not our
     own output from an earlier run beside its input."""
-    return (f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.endswith(OUTPUT_SUFFIX)
+    return (f.suffix.lower() in readable_suffixes() and not f.stem.endswith(OUTPUT_SUFFIX)
             and not f.name.startswith("."))
 
 
@@ -136,10 +145,13 @@ def process(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = Non
     """Restore one file; returns its report (raises ImageError/BackendError/ValueError).
     `tiles(done, total)` follows the tiles of a large image; `files` reads and writes."""
     output_format(job.target)  # an unwritable extension fails before any work
+    if isinstance(files, LocalFiles):
+        check_parent(job.target)
     if files.exists(job.target) and not opts.overwrite:
         raise ImageError(f"{job.target} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     img = files.read(job.source, opts.max_pixels)
+    check_output_size(job.target, img.array.shape[0], img.array.shape[1])  # before restoring
     t1 = time.perf_counter()
     out, info = restorer.restore_info(img.array, img.qf, tiles)
     t2 = time.perf_counter()
@@ -147,7 +159,8 @@ def process(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = Non
     ms = {"read": round((t1 - t0) * 1000, 2), **info.pop("ms"),
           "write": round((time.perf_counter() - t2) * 1000, 2)}
     return {"input": str(job.source), "output": str(job.target), "ok": True,
-            "mode": img.mode, "format": img.format, **info, "ms": ms}
+            "mode": img.mode, "format": img.format, **info, "ms": ms,
+            "warnings": list(getattr(img, "warnings", ()))}
 
 
 def attempt(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = None,
@@ -166,16 +179,25 @@ def attempt(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = Non
 
 def run_batch(restorer, jobs: list[Job], opts: BatchOptions, report: TextIO | None,
               say: Callable[[str], None], progress: Callable | None = None,
-              tiles: Callable | None = None) -> Summary:
-    """Process every job, continuing past failures; `say` prints one line per failure,
-    `report` (when given) gets one JSON line per image; `progress(total=n)` makes the images'
-    progress bar, `tiles(done, total)` follows one image's tiles."""
+              tiles: Callable | None = None, stop: Callable[[], bool] | None = None
+              ) -> Summary:
+    """Process every job, continuing past failures; `say` prints one line per failure (and
+    at most one per image for its decoder's warnings), `report` (when given) gets one JSON
+    line per image; `progress(total=n)` makes the images' progress bar, `tiles(done, total)`
+    follows one image's tiles; `stop()` true ends the batch before the next image."""
     summary = Summary()
     bar = progress(total=len(jobs)) if progress else None
-    for job in jobs:
+    for i, job in enumerate(jobs):
+        if stop is not None and stop():
+            summary.not_started = len(jobs) - i
+            break
         line = attempt(restorer, job, opts, tiles)
         if line["ok"]:
             summary.done += 1
+            if line["warnings"]:
+                more = len(line["warnings"]) - 1
+                say(f"warning: {job.source}: {line['warnings'][0]}"
+                    + (f" (and {more} more; see --report)" if more else ""))
         else:
             summary.failed.append((line["input"], line["error"]))
             say(f"error: {line['error']}")
@@ -187,6 +209,20 @@ def run_batch(restorer, jobs: list[Job], opts: BatchOptions, report: TextIO | No
     if bar is not None:
         bar.close()
     return summary
+
+
+def remove_stale_temps(jobs: list[Job]) -> int:
+    """Delete the temporary files a killed earlier run left in the jobs' output folders (only
+    this tool's pattern, only where the writing process is gone); returns how many."""
+    removed = 0
+    for folder in {job.target.parent for job in jobs if isinstance(job.target, Path)}:
+        for tmp in stale_temps(folder):
+            try:
+                tmp.unlink()
+                removed += 1
+            except OSError:
+                pass  # another run removed it first, or it is not ours to remove
+    return removed
 
 
 def failure_line(job: Job, reason: str) -> dict:

@@ -10,7 +10,7 @@ from .cliopts import CONTEXT_SETTINGS, version_option
 from .config import (CHOICES_BACKEND, CHOICES_DEVICE, CHOICES_TIMESTEP, DEFAULT_MAX_PIXELS,
                      DEFAULT_QUALITY, OUTPUT_SUFFIX, RestoreOptions)
 
-EXIT_FAILED, EXIT_UNUSABLE = 1, 2
+EXIT_FAILED, EXIT_UNUSABLE, EXIT_INTERRUPTED = 1, 2, 130  # 130: 128 + SIGINT, the shells' own
 
 
 @version_option()
@@ -56,11 +56,12 @@ def main(engine, inputs, output, fmt, quality, overwrite, backend, device, tile,
     """
     from tqdm import tqdm
 
-    from .batch import BatchOptions, collect_inputs, plan_jobs, run_batch
+    from .batch import BatchOptions, collect_inputs, plan_jobs, remove_stale_temps, run_batch
     from .errors import BackendError, EngineDirError
     from .pipeline import Restorer
 
-    found, refused = collect_inputs(list(inputs))
+    skipped: list[Path] = []
+    found, refused = collect_inputs(list(inputs), skipped)
     opts = BatchOptions(out=output, fmt=fmt, quality=quality, overwrite=overwrite,
                         max_pixels=max_pixels)
     try:
@@ -80,15 +81,63 @@ def main(engine, inputs, output, fmt, quality, overwrite, backend, device, tile,
                    "their sizes)", err=True)
     say = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731 - keeps the bar intact
     bar = lambda total: tqdm(total=total, unit="image", file=sys.stderr, disable=None)  # noqa
-    with restorer:
-        summary = run_batch(restorer, jobs, opts, sys.stdout if report else None, say, bar,
-                            _TileBar())
-    click.echo(f"{summary.done} restored, {len(summary.failed)} failed", err=True)
+    stale = remove_stale_temps(jobs)
+    if stale:
+        click.echo(f"removed {stale} temporary file(s) an interrupted earlier run left", err=True)
+    try:
+        with restorer, _StopOnSignal(say) as stop:
+            summary = run_batch(restorer, jobs, opts, sys.stdout if report else None, say, bar,
+                                _TileBar(), stop)
+    except KeyboardInterrupt:  # a second signal: the image in progress was abandoned
+        _die("interrupted during an image; its output was not written", EXIT_INTERRUPTED)
+    _summarise(summary, len(skipped))
+
+
+def _summarise(summary, skipped: int) -> None:
+    line = f"{summary.done} restored, {len(summary.failed)} failed"
+    line += f", {skipped} skipped (not images)" if skipped else ""
+    line += f", {summary.not_started} not started (interrupted)" if summary.not_started else ""
+    click.echo(line, err=True)
     if summary.failed:
         click.echo("failed:", err=True)
         for _, reason in summary.failed:
             click.echo(f"  {reason}", err=True)
+    if summary.not_started:
+        sys.exit(EXIT_INTERRUPTED)
+    if summary.failed:
         sys.exit(EXIT_FAILED)
+
+
+class _StopOnSignal:
+    """SIGINT and SIGTERM ask the batch to stop after the current image (its output is
+    finished or its temporary file removed); a second one stops at once (KeyboardInterrupt,
+    which removes the temporary file of a write in progress)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, say):
+        self.say, self.asked, self.old = say, False, {}
+
+    def __enter__(self):
+        import signal
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            try:
+                self.old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the signals alone
+                pass
+        return lambda: self.asked
+
+    def _handle(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        self.say("interrupted: stopping after the current image (again to stop now)")
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
 
 
 class _TileBar:

@@ -1,6 +1,7 @@
 """Constants of the engine-dir contract and the runtime's options (one frozen dataclass)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 MANIFEST = "manifest.json"
@@ -24,7 +25,12 @@ BACKENDS = ("onnx", "trt")       # a component's backend in the manifest
 JPEG_BLOCK = 8                   # the JPEG block grid tiles and predictor crops stay aligned to
 MIN_PREDICTOR_SIDE = 8           # the predictor's 8x8 stride-8 stem needs at least one block
 HASH_CHUNK = 1 << 20             # bytes read at a time when hashing model files
-RESIZE_ROWS = 64                 # image rows converted to float at a time for SAIPE's resize
+RESIZE_FLOATS = 1 << 18          # floats of image rows SAIPE's resize converts at a time (a
+#                                  band of rows: 21 of a 4096-wide image, 87,381 of a 1-wide one)
+RESIZE_DENSE_TAPS = 1 << 20      # largest table of taps (outputs x taps each) SAIPE's resize
+#                                  builds; sides with more (millions of pixels) go output by
+#                                  output
+NEUTRAL_CHECK_PIXELS = 1 << 20   # pixels compared at a time when testing R = G = B
 
 # Bounds on what a manifest may claim (checked before anything is allocated). An export writes
 # ~20 KB of manifest nested 6 deep; no model needs tiles wider than this or batches this large.
@@ -34,8 +40,12 @@ MAX_ENGINE_SIDE = 16384          # pixels per side of the largest image an engin
 MAX_ENGINE_BATCH = 256
 
 # Image I/O
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+# The most pixels a side each output format holds (JPEG's 16-bit header fields, libwebp's
+# 14-bit ones; PNG's 31-bit fields are beyond any image the decompression guard lets in).
+FORMAT_MAX_SIDE = {"PNG": 2 ** 31 - 1, "JPEG": 65535, "WEBP": 16383}
+# write_image's temporary files: .NAME.PID.RANDOM.tmp beside the output (mkstemp's 8 letters)
+TEMP_PATTERN = re.compile(r"\.(?:.+)\.(\d+)\.[A-Za-z0-9_]{8}\.tmp")
 DEFAULT_QUALITY = 95             # JPEG/WebP output quality
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
 OUTPUT_SUFFIX = "_sodiff"        # outputs beside their inputs: photo.jpg -> photo_sodiff.png

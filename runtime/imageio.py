@@ -9,6 +9,7 @@ atomically (temp file + rename/link in the same folder), never replacing a file 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import re
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile as PILImageFile, ImageOps, UnidentifiedImageError
 
-from .config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, OUTPUT_FORMATS
+from .config import (DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, FORMAT_MAX_SIDE, OUTPUT_FORMATS,
+                     TEMP_PATTERN)
+from . import datacheck, decodelog
 from .errors import ImageError
 from .jpegqf import estimate_quality
 
@@ -42,19 +45,21 @@ class ImageFile:
     exif: bytes | None            # EXIF with the orientation reset (already applied)
     mode: str                     # Pillow's mode of the file, for reports
     format: str | None            # Pillow's format name of the file
+    warnings: tuple[str, ...] = ()  # what the decoders warned about, one line each
 
 
 @contextlib.contextmanager
 def _bomb_guard(max_pixels: int):
     """Pillow's guard with our limit (0: none); its over-the-limit warning becomes an error."""
-    old = Image.MAX_IMAGE_PIXELS
+    old, truncated = Image.MAX_IMAGE_PIXELS, PILImageFile.LOAD_TRUNCATED_IMAGES
     Image.MAX_IMAGE_PIXELS = max_pixels or None
+    PILImageFile.LOAD_TRUNCATED_IMAGES = False  # whoever set it: truncation is an error here
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
     finally:
-        Image.MAX_IMAGE_PIXELS = old
+        Image.MAX_IMAGE_PIXELS, PILImageFile.LOAD_TRUNCATED_IMAGES = old, truncated
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFile:
@@ -62,21 +67,26 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageF
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    return _decode(path, str(path), lambda: path.stat().st_size, max_pixels)
+    return _decode(path, str(path), lambda: path.stat().st_size, max_pixels,
+                   lambda: open(path, "rb"))
 
 
 def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFile:
     """`read_image` for a file already in memory (an HTTP body, an object store's file);
     `name` starts its error messages."""
-    return _decode(io.BytesIO(data), name, lambda: len(data), max_pixels)
+    return _decode(io.BytesIO(data), name, lambda: len(data), max_pixels,
+                   lambda: io.BytesIO(data))
 
 
-def _decode(source, name: str, size, max_pixels: int) -> ImageFile:
-    """Decode `source` (a path or a binary file object); `size()` gives its length in bytes."""
+def _decode(source, name: str, size, max_pixels: int, reopen) -> ImageFile:
+    """Decode `source` (a path or a binary file object); `size()` gives its length in bytes,
+    `reopen()` a fresh binary file object of it (for the completeness checks)."""
+    log = decodelog.DecodeLog()  # filled by capture(); named here for the error paths
     try:
-        with _bomb_guard(max_pixels), Image.open(source) as im:
+        with decodelog.capture(log), _bomb_guard(max_pixels), Image.open(source) as im:
             fmt, qf, mode = im.format, estimate_quality(im), im.mode
             im.load()  # decode now: truncation and corruption surface here
+            _check_complete(im, reopen, size(), log)
             ImageOps.exif_transpose(im, in_place=True)  # no second full-size copy
             array, icc = _to_array(im, im.info.get("icc_profile"))
             exif = _exif_bytes(im)
@@ -91,9 +101,54 @@ def _decode(source, name: str, size, max_pixels: int) -> ImageFile:
     except MemoryError:
         raise ImageError(f"{name}: too large to decode in the available memory") from None
     except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types on bad data
+        if log.errors:  # libtiff said why; Pillow only says "decoder error -2"
+            raise ImageError(f"{name}: truncated or corrupt TIFF data ({log.errors[0]})"
+                             ) from None
         raise ImageError(f"{name}: truncated or corrupt image ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
-    return ImageFile(array, qf, icc, exif, mode, fmt)
+    return ImageFile(array, qf, icc, exif, mode, fmt, tuple(log.warnings))
+
+
+def _check_complete(im: Image.Image, reopen, size: int, log: decodelog.DecodeLog) -> None:
+    """Refuse a decode that filled missing data in: libtiff's errors (short or corrupt strips
+    it reported and went past), and PNG data that ends before the rows its header declares
+    (Pillow fills the rest with zeros), and JPEG data too short for its declared size."""
+    if log.errors:
+        raise ImageError(f"truncated or corrupt TIFF data ({log.errors[0]})")
+    if im.format == "PNG":
+        with reopen() as f:
+            short = datacheck.png_shortfall(f)
+        if short:
+            raise ImageError(f"truncated PNG: its data holds {short}")
+    if im.format == "JPEG":
+        with reopen() as f:
+            short = datacheck.jpeg_shortfall(f, size, im.width, im.height)
+        if short:
+            raise ImageError(f"truncated JPEG: {short}")
+
+
+# Formats Pillow identifies but cannot decode pixels of (or only with a program not bundled).
+_NO_PIXELS = frozenset({"MPEG"})
+
+
+@functools.lru_cache(maxsize=None)
+def readable_suffixes() -> frozenset[str]:
+    """Every file name suffix whose format this Pillow decodes (what a folder scan takes): its
+    registered openers, less stub formats (BUFR, GRIB, HDF5, WMF need a handler of their own),
+    identify-only ones, and EPS without Ghostscript."""
+    from PIL import EpsImagePlugin
+
+    Image.init()
+    found = set()
+    for ext, fmt in Image.registered_extensions().items():
+        opener = Image.OPEN.get(fmt)
+        if opener is None or fmt in _NO_PIXELS or (fmt == "EPS" and
+                                                   not EpsImagePlugin.has_ghostscript()):
+            continue
+        if isinstance(opener[0], type) and issubclass(opener[0], PILImageFile.StubImageFile):
+            continue
+        found.add(ext.lower())
+    return frozenset(found)
 
 
 def _bomb_message(e: Exception, max_pixels: int) -> str:
@@ -154,6 +209,26 @@ def output_format(path: Path) -> str:
     return fmt
 
 
+def check_output_size(path, height: int, width: int) -> None:
+    """Refuse, before any restoring, an output its format cannot hold (JPEG: 65,535 px a side,
+    WebP: 16,383)."""
+    fmt = output_format(path)
+    most = FORMAT_MAX_SIDE[fmt]
+    if max(height, width) > most:
+        others = [e for e, f in OUTPUT_FORMATS.items() if FORMAT_MAX_SIDE[f] >= max(height, width)]
+        raise ImageError(f"{path}: a {width}x{height} image is too large for {fmt} (at most "
+                         f"{most:,} px a side); write {' or '.join(sorted(set(others)))}")
+
+
+def check_parent(path: Path) -> None:
+    """Refuse an output whose folder cannot exist: some ancestor is a file, not a folder."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ImageError(f"{path}: cannot create it, {parent} is not a folder")
+            return
+
+
 def _to_pil(array: np.ndarray, fmt: str) -> Image.Image:
     a = array
     if a.dtype == np.uint16 and (a.ndim == 3 or fmt != "PNG"):
@@ -196,17 +271,67 @@ def write_image(path: str | Path, array: np.ndarray, icc: bytes | None = None,
     replaced only with `overwrite`."""
     path = Path(path)
     fmt = output_format(path)
+    check_output_size(path, array.shape[0], array.shape[1])
     im = _to_pil(array, fmt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_parent(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The pid in the name lets a later run tell a dead writer's leftovers (stale_temps).
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                                   dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             _save(im, f, fmt, icc, exif, quality)
             f.flush()
             os.fsync(f.fileno())
         _publish(Path(tmp), path, overwrite)
+    except OSError as e:  # name the output, never the hidden temporary file
+        detail = (f"{e.strerror} in {path.parent}" if e.strerror else
+                  str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise ImageError(f"{path}: cannot write it ({detail})") from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def stale_temps(folder: Path) -> list[Path]:
+    """This tool's temporary files in `folder` (`.NAME.PID.XXXXXXXX.tmp`) whose writer is gone:
+    its process no longer runs, or it started after the file was last written (a reused pid)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    found = []
+    for p in entries:
+        m = TEMP_PATTERN.fullmatch(p.name)
+        if m and int(m.group(1)) != os.getpid() and _writer_gone(p, int(m.group(1))):
+            found.append(p)
+    return found
+
+
+def _writer_gone(path: Path, pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, another user's: leave it
+    started = _start_time(pid)  # alive: a process started after the file's last write
+    try:                        # did not write it
+        return started is not None and started > path.stat().st_mtime + 1
+    except OSError:
+        return False
+
+
+def _start_time(pid: int) -> float | None:
+    """When process `pid` started, in epoch seconds (Linux /proc); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text()
+                    .splitlines() if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .backends import Component, Tensor, open_engines
-from .config import JPEG_BLOCK, RestoreOptions, validate_options
+from .config import JPEG_BLOCK, NEUTRAL_CHECK_PIXELS, RestoreOptions, validate_options
 from .geometry import Geometry, plan_geometry
 from .manifest import Manifest, read_manifest
 from .resize import resize_rows
@@ -78,6 +78,32 @@ class _Conditioning:
                     "timestep", np.array([o.tau for o in owners], np.float32))
             self.key = key
         return self.feeds
+
+
+def is_neutral(colour: np.ndarray) -> bool:
+    """Whether an RGB array has R = G = B at every pixel, read a band of rows at a time (and
+    given up at the first band with colour)."""
+    if colour.ndim != 3:
+        return False
+    rows = max(1, NEUTRAL_CHECK_PIXELS // max(1, colour.shape[1]))
+    for y in range(0, colour.shape[0], rows):
+        part = colour[y:y + rows]
+        if not (np.array_equal(part[..., 0], part[..., 1]) and
+                np.array_equal(part[..., 1], part[..., 2])):
+            return False
+    return True
+
+
+class _Neutral:
+    """A grey destination over an RGB output: each grey row written goes to all three."""
+
+    ndim = 2
+
+    def __init__(self, rgb: np.ndarray):
+        self.rgb, self.dtype = rgb, rgb.dtype
+
+    def __setitem__(self, rows, grey: np.ndarray) -> None:
+        self.rgb[rows] = grey[..., None]
 
 
 def _split_alpha(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -169,9 +195,11 @@ class Restorer:
 
     # -- stages -----------------------------------------------------------------------------
     def _prepare(self, image: np.ndarray, qf: int | None, ms: dict) -> _Image:
-        """Check the array, compute its prompt and tau, and make its output."""
+        """Check the array, compute its prompt and tau, and make its output. An RGB image
+        whose every pixel is grey goes the grey path (restored colour would be a tint)."""
         colour, alpha = _split_alpha(image)
-        src = Source(colour)
+        neutral = is_neutral(colour)
+        src = Source(colour[..., 0] if neutral else colour)
         prompt = self._prompt(src, ms)
         tau, qf_pred, source = self._timestep(src, qf, ms)
         out = np.empty(image.shape, image.dtype)  # the only full-size array made here
@@ -179,7 +207,10 @@ class Restorer:
             out[..., -1] = alpha
         dest = out.reshape(colour.shape) if alpha is None else (
             out[..., :3] if colour.ndim == 3 else out[..., 0])
-        info = {"tau": tau, "tau_source": source, "qf_predicted": qf_pred, "qf_header": qf}
+        if neutral:
+            dest = _Neutral(dest)
+        info = {"tau": tau, "tau_source": source, "qf_predicted": qf_pred, "qf_header": qf,
+                "neutral": neutral}
         return _Image(src, out, dest, prompt, tau, plan_layout(self.geometry, src.h, src.w),
                       info)
 

@@ -130,7 +130,9 @@ class Band:
 
     def __init__(self, layout: Layout, out: np.ndarray, h: int, w: int):
         self.lay, self.out, self.h = layout, out, h
-        self.band = np.zeros((3, layout.th, w), np.float32)  # rows [top, top + th) in progress
+        # rows [top, top + th) in progress; never more rows than the image has (a 1-row image's
+        # tiles are 8 rows high, and the band is as wide as the image)
+        self.band = np.zeros((3, min(layout.th, h), w), np.float32)
         self.top = 0
 
     def add(self, iy: int, ix: int, tile: np.ndarray) -> None:
@@ -141,11 +143,11 @@ class Band:
             self._row_done(iy)
 
     def _row_done(self, iy: int) -> None:
-        lay, band, top = self.lay, self.band, self.top
+        lay, band, top, rows = self.lay, self.band, self.top, self.band.shape[1]
         done = lay.ys[iy + 1] if iy + 1 < len(lay.ys) else self.h
         self.out[top:done] = to_uint(band[:, :done - top], self.out)
-        band[:, :lay.th - (done - top)] = band[:, done - top:]  # numpy buffers the overlap
-        band[:, lay.th - (done - top):] = 0
+        band[:, :rows - (done - top)] = band[:, done - top:]  # numpy buffers the overlap
+        band[:, rows - (done - top):] = 0
         self.top = done
 
 
