@@ -53,23 +53,36 @@ def vm_hwm_mb() -> float | None:
     return None
 
 
-def synthetic_image(side: int, seed: int = 0):
+def parse_size(text: str) -> tuple[int, int]:
+    """(H, W) of a --sizes entry: a square side ("512") or HxW ("1000000x1")."""
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def label(h: int, w: int):
+    """A run's "size": the side of a square (as before), else "HxW"."""
+    return h if h == w else f"{h}x{w}"
+
+
+def synthetic_image(h: int, w: int | None = None, seed: int = 0):
     """A uint8 RGB image with structure (gradients) and JPEG-like noise, made row band by row
     band so the generator itself never holds more than the image."""
     import numpy as np
 
+    w = h if w is None else w
     rng = np.random.default_rng(seed)
-    image = np.empty((side, side, 3), np.uint8)
-    x = np.arange(side, dtype=np.float32)
-    for y in range(0, side, 256):
-        rows = np.arange(y, min(y + 256, side), dtype=np.float32)[:, None]
+    image = np.empty((h, w, 3), np.uint8)
+    x = np.arange(w, dtype=np.float32)
+    step = max(1, min(256, (1 << 20) // w))
+    for y in range(0, h, step):
+        rows = np.arange(y, min(y + step, h), dtype=np.float32)[:, None]
         base = 128 + 60 * np.sin(x / 37.0) * np.cos(rows / 53.0)
-        noise = rng.integers(-12, 13, (rows.shape[0], side, 3), dtype=np.int16)
+        noise = rng.integers(-12, 13, (rows.shape[0], w, 3), dtype=np.int16)
         image[y:y + rows.shape[0]] = np.clip(base[..., None] + noise, 0, 255).astype(np.uint8)
     return image
 
 
-def measure_child(engine: Path, side: int, tile: int | None, overlap: int | None,
+def measure_child(engine: Path, size: tuple[int, int], tile: int | None, overlap: int | None,
                   threads: int) -> dict:
     """Runs in the child process: one restore, its peak memory and time."""
     from runtime import Restorer
@@ -77,13 +90,13 @@ def measure_child(engine: Path, side: int, tile: int | None, overlap: int | None
     with Restorer(engine, tile=tile, overlap=overlap, threads=threads) as r:
         loaded = peak_rss_mb()
         reset = reset_peak_rss()
-        image = synthetic_image(side)
+        image = synthetic_image(*size)
         t0 = time.perf_counter()
         out, info = r.restore_info(image)
         seconds = time.perf_counter() - t0
         restore_peak = vm_hwm_mb() if reset else None
     assert out.shape == image.shape
-    return {"size": side, "baseline_rss_mb": round(loaded, 1),
+    return {"size": label(*size), "baseline_rss_mb": round(loaded, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             # the peak from just after loading to the end of the restore (image included)
             "restore_peak_rss_mb": None if restore_peak is None else round(restore_peak, 1),
@@ -102,14 +115,14 @@ def export_tiny(out: Path) -> Path:
     return out
 
 
-def run_child(engine: Path, side: int, tile, overlap, threads: int) -> dict:
+def run_child(engine: Path, size: tuple[int, int], tile, overlap, threads: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--engine", str(engine),
-           "--sizes", str(side), "--threads", str(threads)]
+           "--sizes", f"{size[0]}x{size[1]}", "--threads", str(threads)]
     cmd += ["--tile", str(tile)] if tile else []
     cmd += ["--overlap", str(overlap)] if overlap is not None else []
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
-        raise click.ClickException(f"child for {side}x{side} failed: "
+        raise click.ClickException(f"child for {size[0]}x{size[1]} failed: "
                                    f"{proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -118,7 +131,8 @@ def run_child(engine: Path, side: int, tile, overlap, threads: int) -> dict:
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--engine", type=click.Path(path_type=Path), help="Engine dir (default: export "
                                                                  "the tiny preset to a temp dir).")
-@click.option("--sizes", default="512,4096", show_default=True, help="Square image sides.")
+@click.option("--sizes", default="512,4096,1x1000000,1000000x1", show_default=True,
+              help="Image sizes: square sides or HxW (tall and wide strips).")
 @click.option("--tile", type=int, default=None, help="Tile side (default: the engine's max).")
 @click.option("--overlap", type=int, default=16, show_default=True, help="Tile overlap.")
 @click.option("--threads", type=int, default=0, show_default=True,
@@ -127,7 +141,7 @@ def run_child(engine: Path, side: int, tile, overlap, threads: int) -> dict:
 @click.option("--child", is_flag=True, hidden=True)
 def main(engine, sizes, tile, overlap, threads, out, child):
     """Peak RSS of one restore per image size, each in its own process."""
-    sides = [int(s) for s in sizes.split(",")]
+    sides = [parse_size(s) for s in sizes.split(",")]
     if child:
         click.echo(json.dumps(measure_child(engine, sides[0], tile, overlap, threads)))
         return
@@ -157,6 +171,13 @@ def write_result(out: Path, manifest: dict, runs: list[dict], tile, overlap, thr
         "ratios": {f"{s}/{first}": round(peak[s] / peak[first], 3) for s in peak if s != first},
         "restore_ratios": {f"{s}/{first}": round(restore[s] / restore[first], 3)
                            for s in restore if s != first and restore[s] and restore[first]},
+        # issue 15's target: at most 1.5x the first size's restore peak, plus the image's own
+        # input and output arrays (2 x image_mb)
+        "targets": {str(r["size"]): {
+            "limit_mb": round(1.5 * restore[first] + 2 * r["image_mb"], 1),
+            "restore_peak_rss_mb": restore[r["size"]],
+            "ok": restore[r["size"]] <= 1.5 * restore[first] + 2 * r["image_mb"]}
+            for r in runs if r["size"] != first and restore[r["size"]] and restore[first]},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
