@@ -152,3 +152,30 @@ def test_module_help_runs():
     for flag in ("--embeddings", "--no-align", "--lambda-align", "--resume",
                  "--mixed-precision", "--grad-accum"):
         assert flag in res.stdout
+
+
+@pytest.mark.parametrize("env,flag,want", [("bf16", None, "bf16"), (None, None, "no"),
+                                           ("bf16", "no", "no")])
+def test_accelerate_launch_precision_stands_unless_the_flag_is_given(tmp_path, store, monkeypatch,
+                                                                     env, flag, want):
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION; without
+    --mixed-precision the script passes nothing, so that choice stands and is logged."""
+    if env is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+    kw = {} if flag is None else {"mixed_precision": flag}
+    from accelerate.state import AcceleratorState
+
+    from training import common
+    lines = []
+    monkeypatch.setattr(common.Run, "info", lambda self, msg: lines.append(msg))
+    AcceleratorState._reset_state(True)  # one state per process: as a fresh launch sees it
+    try:
+        run = common.Run(config(tmp_path, embeddings=str(store), **kw), "stage1")
+        assert run.acc.mixed_precision == want
+        run.begin()
+        run.close()
+    finally:
+        AcceleratorState._reset_state(True)
+    assert any(f"mixed precision {want}," in line for line in lines), lines

@@ -61,7 +61,9 @@ class TrainConfig:
     warmup_steps: int = opt(0, help="linear warm-up steps from 0 to --lr (paper: none)")
     grad_clip: float = opt(0.0, help="clip the gradient norm to this; 0 disables (paper: none)")
     max_steps: int = opt(50_000, help="optimizer steps to train for")
-    mixed_precision: str = opt("no", help="no, fp16 or bf16 autocast", choices=MIXED_PRECISION)
+    mixed_precision: str | None = opt(None, help="no, fp16 or bf16 autocast [default: "
+                                      "accelerate's: its launch flag or config, else no]",
+                                      choices=MIXED_PRECISION)
     cpu: bool = opt(False, help="train on the CPU even when a GPU is present")
     seed: int = opt(0, help="seed of the initialisation, the data order and all noise")
     num_workers: int = opt(4, help="DataLoader worker processes (does not change the data)")
@@ -95,7 +97,7 @@ def validate_common(cfg: TrainConfig) -> list[str]:
             p.append(f"{name}={getattr(cfg, name)} must be >= 0")
     if cfg.lr_schedule not in LR_SCHEDULES:
         p.append(f"lr_schedule={cfg.lr_schedule!r} must be one of {LR_SCHEDULES}")
-    if cfg.mixed_precision not in MIXED_PRECISION:
+    if cfg.mixed_precision is not None and cfg.mixed_precision not in MIXED_PRECISION:
         p.append(f"mixed_precision={cfg.mixed_precision!r} must be one of {MIXED_PRECISION}")
     return p
 
@@ -249,6 +251,7 @@ class Run:
 
         check_output(cfg)
         self.cfg, self.stage, self.out = cfg, stage, Path(cfg.out)
+        # None: nothing passed, so `accelerate launch --mixed_precision` or its config decides.
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
                                gradient_accumulation_steps=cfg.grad_accum)
         self.per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
@@ -327,7 +330,7 @@ class Run:
         from tqdm import tqdm
 
         self.info(f"{self.acc.num_processes} process(es) on {self.device}, mixed precision "
-                  f"{self.cfg.mixed_precision}, {self.per_step} images per optimizer step")
+                  f"{self.acc.mixed_precision}, {self.per_step} images per optimizer step")
         if self.acc.is_main_process:
             self.writer = SummaryWriter(str(self.out / LOG_DIR), purge_step=self.start_step)
             self.bar = tqdm(total=self.cfg.max_steps, initial=self.start_step, desc=self.stage,
