@@ -140,6 +140,23 @@ class LocalFiles:
 LOCAL = LocalFiles()
 
 
+# One --report line per image, every key on every line (null when not known: a failed image
+# has no tau); docs/runtime.md documents each. `ms` holds read, each stage, total and write.
+REPORT_KEYS = ("input", "output", "ok", "error", "mode", "format", "size", "qf_header",
+               "qf_predicted", "tau", "tau_source", "neutral", "tiles", "ms", "warnings")
+
+
+def report_line(**fields) -> dict:
+    """A report line with every key of REPORT_KEYS, in that order (missing ones null; an
+    empty warnings list)."""
+    unknown = set(fields) - set(REPORT_KEYS)
+    if unknown:
+        raise ValueError(f"report fields {sorted(unknown)} are not in REPORT_KEYS")
+    line = {k: fields.get(k) for k in REPORT_KEYS}
+    line["warnings"] = list(line["warnings"] or ())
+    return line
+
+
 def process(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = None,
             files=LOCAL) -> dict:
     """Restore one file; returns its report (raises ImageError/BackendError/ValueError).
@@ -158,9 +175,9 @@ def process(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = Non
     files.write(job.target, out, img.icc, img.exif, opts.quality, opts.overwrite)
     ms = {"read": round((t1 - t0) * 1000, 2), **info.pop("ms"),
           "write": round((time.perf_counter() - t2) * 1000, 2)}
-    return {"input": str(job.source), "output": str(job.target), "ok": True,
-            "mode": img.mode, "format": img.format, **info, "ms": ms,
-            "warnings": list(getattr(img, "warnings", ()))}
+    return report_line(input=str(job.source), output=str(job.target), ok=True, error=None,
+                       mode=img.mode, format=img.format, **info, ms=ms,
+                       warnings=getattr(img, "warnings", ()))
 
 
 def attempt(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = None,
@@ -230,4 +247,4 @@ def failure_line(job: Job, reason: str) -> dict:
     reason = reason.splitlines()[0] if reason else "unknown error"
     if not reason.startswith(str(job.source)):
         reason = f"{job.source}: {reason}"
-    return {"input": str(job.source), "output": None, "ok": False, "error": reason}
+    return report_line(input=str(job.source), output=None, ok=False, error=reason)

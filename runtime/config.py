@@ -59,6 +59,22 @@ CHOICES_TIMESTEP = ("model", "header")
 
 @dataclass(frozen=True)
 class RestoreOptions:
+    """How a Restorer runs an engine dir (`Restorer(dir, RestoreOptions(...))`, or the same
+    names as keywords: `Restorer(dir, tile=512)`). Fields:
+
+    backend: "auto" (each component's backend from the manifest), "ort" or "trt".
+    device: onnxruntime's provider: "auto" (CUDA when present), "cpu", "cuda" or "tensorrt".
+    tile: tile side in pixels; None: the engines' largest shape.
+    overlap: least overlap of neighbouring tiles in pixels; None: a quarter of the tile.
+    timestep: "model" (the predictor, or the dir's fixed tau) or "header" (tau from the JPEG's
+        quality factor, passed as `qf=`, through the manifest's QF-to-tau table).
+    threads: onnxruntime intra-op threads; 0: onnxruntime decides.
+    verify_hashes: sha256-check every model file when the dir is opened (sizes are always
+        checked).
+    tile_batch: tiles per encoder/UNet/decoder call; None: the engines' largest batch.
+    io_binding: chain components through device-resident OrtValues (False: through the host).
+    """
+
     backend: str = "auto"         # auto: each component's backend from the manifest; ort; trt
     device: str = "auto"          # onnxruntime provider: auto (CUDA when present), cpu, cuda,
     #                               tensorrt (onnxruntime's TensorRT provider)

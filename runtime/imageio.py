@@ -200,6 +200,19 @@ def _to_array(im: Image.Image, icc: bytes | None) -> tuple[np.ndarray, bytes | N
     return np.asarray(_to_srgb(im, icc)), None  # CMYK, YCbCr, LAB, HSV: colours changed
 
 
+def from_pil(im: Image.Image) -> np.ndarray:
+    """A PIL image as the array the Restorer takes: the modes `read_image` accepts, converted
+    the same way (palette to RGB/RGBA, CMYK and other spaces to sRGB, 16-bit kept)."""
+    return _to_array(im, im.info.get("icc_profile"))[0]
+
+
+def to_pil(array: np.ndarray, like: Image.Image) -> Image.Image:
+    """A restored array as a PIL image, carrying `like`'s ICC profile and EXIF in its info."""
+    out = _to_pil(array, "PNG")
+    out.info.update({k: like.info[k] for k in ("icc_profile", "exif") if k in like.info})
+    return out
+
+
 def output_format(path: Path) -> str:
     """Pillow's format name for the output's extension; ImageError for unknown ones."""
     fmt = OUTPUT_FORMATS.get(path.suffix.lower())

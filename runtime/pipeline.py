@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 
 from .backends import Component, Tensor, open_engines
-from .config import JPEG_BLOCK, NEUTRAL_CHECK_PIXELS, RestoreOptions, validate_options
+from .config import (DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, JPEG_BLOCK, NEUTRAL_CHECK_PIXELS,
+                     RestoreOptions, validate_options)
 from .geometry import Geometry, plan_geometry
 from .manifest import Manifest, read_manifest
 from .resize import resize_rows
@@ -154,10 +155,30 @@ class Restorer:
     def close(self) -> None:
         self.engines.close()
 
-    def restore(self, image: np.ndarray, qf: int | None = None) -> np.ndarray:
-        """The restored image (same shape and dtype). `qf`: the JPEG quality factor, used
-        when the options say `timestep="header"`."""
+    def restore(self, image, qf: int | None = None):
+        """The restored image: a numpy array of the input's shape and dtype, or a PIL image
+        for a PIL image (its mode kept where the runtime writes it; palette images come back
+        RGB/RGBA). `qf`: the JPEG quality factor, for `timestep="header"` only."""
+        if qf is not None and self.options.timestep != "header":
+            raise ValueError(f"qf={qf} is only used with timestep='header' (this Restorer "
+                             f"predicts tau: timestep={self.options.timestep!r}); drop qf, or "
+                             f"open the Restorer with timestep='header'")
+        if _is_pil(image):
+            from .imageio import from_pil, to_pil
+            return to_pil(self.restore_info(from_pil(image), qf)[0], image)
         return self.restore_info(image, qf)[0]
+
+    def restore_file(self, src: str | Path, dst: str | Path, *, overwrite: bool = False,
+                     quality: int = DEFAULT_QUALITY, max_pixels: int = DEFAULT_MAX_PIXELS
+                     ) -> dict:
+        """Restore the image file `src` into `dst` (format from its extension) as `sodiff-run`
+        does: EXIF orientation applied, ICC profile and EXIF kept, the JPEG header's QF read,
+        written atomically, never replacing `dst` without `overwrite`. Returns the report line
+        (docs/runtime.md); raises runtime.ImageError for unreadable or unwritable files."""
+        from .batch import BatchOptions, Job, process
+        job = Job(Path(src), Path(dst))
+        return process(self, job, BatchOptions(out=job.target, overwrite=overwrite,
+                                               quality=quality, max_pixels=max_pixels))
 
     def restore_info(self, image: np.ndarray, qf: int | None = None,
                      progress: Callable[[int, int], None] | None = None
@@ -291,6 +312,11 @@ class Restorer:
         for name, a, b in (("vae_encoder", t0, t1), ("unet", t1, t2), ("vae_decoder", t2, t3)):
             ms[name] += (b - a) * 1000
         return np.clip(out, -1.0, 1.0, out=out)
+
+
+def _is_pil(image) -> bool:
+    """A PIL image, without importing Pillow for callers that never pass one."""
+    return type(image).__module__.startswith("PIL.")
 
 
 def _check_header_mode(man: Manifest) -> None:
