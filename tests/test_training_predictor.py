@@ -130,3 +130,15 @@ def test_data_is_required(tmp_path):
 def test_a_folder_that_is_no_predictor_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a stage-1.5 predictor folder"):
         stage15.load_predictor(tmp_path)
+
+
+def test_bundled_stage15_predictor_loads_and_passed_its_check():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "weights" / "tiny-predictor"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    pred = stage15.load_predictor(folder)
+    meta = json.loads((folder / "predictor.json").read_text())
+    assert pred.cfg.front == "dct" and meta["eval"]["images"] == 100
+    assert meta["eval"]["qf_mae"] <= 6.0  # issue 13: held-out QF MAE <= 6 on BSDS500/val
