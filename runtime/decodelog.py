@@ -1,6 +1,7 @@
 """What decoders say while they read a file, caught instead of printed: Python warnings
-(Pillow's UserWarnings about EXIF, tags and the like) and libtiff's C-level warning and error
-messages, which libtiff otherwise writes straight to stderr, image after image.
+(Pillow's UserWarnings about EXIF, tags and the like), Pillow's logger messages, and libtiff's
+C-level warning and error messages, which libtiff otherwise writes straight to stderr, image
+after image.
 
 libtiff's handlers are process-wide; they are replaced once (through ctypes, on the libtiff that
 Pillow's own extension loaded) and route each message to the collector of the thread that is
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import sys
 import threading
 import warnings
@@ -66,10 +68,23 @@ def _route(level: str):
     return handler
 
 
+class _PillowLog(logging.Handler):
+    """Pillow's logger messages (warning and up): into the decoding thread's collector, or to
+    stderr as Python's last-resort handler would print them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = getattr(_local, "log", None)
+        if log is None:
+            sys.stderr.write(record.getMessage() + "\n")
+        else:
+            log.warnings.append(f"Pillow: {record.getMessage().splitlines()[0]}")
+
+
 def _install() -> None:
     if _installed:
         return
     _installed.append(None)  # tried: never again, whatever happens below
+    logging.getLogger("PIL").addHandler(_PillowLog(logging.WARNING))
     path = _libtiff_path()
     if path is None:
         return

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -172,6 +174,26 @@ def test_decoder_warnings_are_caught_and_reported_once(engine, tmp_path, capfd):
     assert len(said) == 1 and said[0].startswith("warning: ")
     leaked = capfd.readouterr()  # nothing written around Python's streams either
     assert "Warning" not in leaked.err and "TiffImagePlugin" not in leaked.err
+
+
+def test_pillows_own_log_messages_stay_off_stderr():
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack("<H", data[entry:entry + 2])[0] == 277:  # SamplesPerPixel
+            data[entry + 8:entry + 10] = struct.pack("<H", 52736)
+    with pytest.raises(ImageError, match="s.tif: "):
+        decode_image(bytes(data), "s.tif")
+    # Without pytest's log capture, as sodiff-run runs: Pillow's logger.error went to stderr.
+    code = ("import sys; from runtime.imageio import decode_image\n"
+            "try: decode_image(sys.stdin.buffer.read(), 's.tif')\n"
+            "except ValueError as e: print(e)")
+    res = subprocess.run([sys.executable, "-c", code], input=bytes(data), capture_output=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.stdout.startswith(b"s.tif: ") and res.stderr == b"", res.stderr
 
 
 # -- item 10: folder scans ---------------------------------------------------------------------
