@@ -46,7 +46,7 @@ def model():
         pytest.skip(f"no checkpoint at {MODEL}")
     if not retrained(checkpoint.read_meta(MODEL)):
         pytest.skip(f"{MODEL} predates issue 13's retrain (learned-stem predictor, untrained "
-                    f"T_align): retrain weights/tiny as README 'The bundled model' says")
+                    f"T_align): retrain weights/tiny as docs/training.md 'The bundled model' says")
     torch.set_num_threads(1)
     return checkpoint.load(MODEL).eval()
 
