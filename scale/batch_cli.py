@@ -7,9 +7,9 @@ from pathlib import Path, PurePosixPath
 import click
 
 from runtime.cliopts import CONTEXT_SETTINGS, version_option
-from runtime.config import (CHOICES_BACKEND, CHOICES_DEVICE, CHOICES_TIMESTEP,
-                            DEFAULT_MAX_PIXELS, DEFAULT_QUALITY)
+from runtime.config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY
 
+from .cliopts import restore_options
 from .config import (DEFAULT_CPUS_PER_WORKER, DEFAULT_RETRIES, DEFAULT_THREADS,
                      DEFAULT_WORKERS, REPORT_NAME)
 
@@ -40,19 +40,9 @@ EXIT_FAILED, EXIT_UNUSABLE = 1, 2
               show_default=True, help="JPEG/WebP output quality.")
 @click.option("--overwrite", is_flag=True, help="Restore every image again, replacing "
                                                 "outputs (default: complete ones are skipped).")
-@click.option("--backend", type=click.Choice(CHOICES_BACKEND), default="auto",
-              show_default=True, help="As sodiff-run's.")
-@click.option("--device", type=click.Choice(CHOICES_DEVICE), default="auto",
-              show_default=True, help="onnxruntime provider (auto: CUDA when installed).")
-@click.option("--tile", type=click.IntRange(min=1), help="Tile side in pixels.")
-@click.option("--overlap", type=click.IntRange(min=0), help="Tile overlap in pixels.")
-@click.option("--tile-batch", type=click.IntRange(min=1), help="Tiles per engine call "
-              "(default: the engines' largest batch, shapes.batch.max).")
-@click.option("--timestep", type=click.Choice(CHOICES_TIMESTEP), default="model",
-              show_default=True, help="As sodiff-run's.")
+@restore_options
 @click.option("--max-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS,
               show_default=True, help="Decompression-bomb limit in pixels (0: none).")
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help=f"JSONL report, one line per image, appended to [default: DST/{REPORT_NAME}, "
                    f"or ./{REPORT_NAME} when DST is a URI].")

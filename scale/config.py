@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RAY_EXTRA = "pip install 'sodiff[ray]'"  # what to run when ray is missing
+# What to run when ray is missing (there is no sodiff on PyPI: the checkout's extra).
+RAY_EXTRA = "pip install '.[ray]' (from the sodiff checkout)"
 # A worker's default CPU share: a fraction, so that N workers on an N-CPU node still leave
 # whole CPUs for Ray Data's read tasks (two 1-CPU actors deadlock a 2-CPU cluster).
 DEFAULT_CPUS_PER_WORKER = 0.5

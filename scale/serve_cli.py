@@ -10,9 +10,9 @@ from pathlib import Path
 import click
 
 from runtime.cliopts import CONTEXT_SETTINGS, version_option
-from runtime.config import (CHOICES_BACKEND, CHOICES_DEVICE, CHOICES_TIMESTEP,
-                            DEFAULT_MAX_PIXELS, DEFAULT_QUALITY)
+from runtime.config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY
 
+from .cliopts import restore_options
 from .config import (APP_NAME, DEFAULT_CPUS_PER_REPLICA, DEFAULT_HOST, DEFAULT_MAX_BATCH,
                      DEFAULT_MAX_BYTES, DEFAULT_PORT, DEFAULT_THREADS)
 
@@ -45,17 +45,7 @@ EXIT_UNUSABLE = 2
                                 "cluster that stops with the server.")
 @click.option("--threads", type=click.IntRange(min=0), default=DEFAULT_THREADS,
               show_default=True, help="onnxruntime CPU threads per replica (0: it decides).")
-@click.option("--backend", type=click.Choice(CHOICES_BACKEND), default="auto",
-              show_default=True, help="As sodiff-run's.")
-@click.option("--device", type=click.Choice(CHOICES_DEVICE), default="auto",
-              show_default=True, help="onnxruntime provider (auto: CUDA when installed).")
-@click.option("--tile", type=click.IntRange(min=1), help="Tile side in pixels.")
-@click.option("--overlap", type=click.IntRange(min=0), help="Tile overlap in pixels.")
-@click.option("--tile-batch", type=click.IntRange(min=1), help="Tiles per engine call "
-              "(default: the engines' largest batch, shapes.batch.max).")
-@click.option("--timestep", type=click.Choice(CHOICES_TIMESTEP), default="model",
-              show_default=True, help="As sodiff-run's.")
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files.")
+@restore_options
 def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, port,
          max_bytes, max_pixels, quality, address, threads, backend, device, tile, overlap,
          tile_batch, timestep, no_verify):
