@@ -100,3 +100,140 @@ def _coding(f) -> str | None:
         if marker == 0xDA or length < 2:
             return None
         f.seek(length - 2, 1)
+
+
+# -- TIFF --------------------------------------------------------------------------------------
+# Pillow decodes an uncompressed TIFF's strips itself and leaves rows no strip covers black, so a
+# raw TIFF whose height was enlarged passes for a huge image; libtiff (the compressed ones)
+# reports its own short strips. Checked from the first IFD's tags, as Pillow read them.
+_STRIPS = (273, 279)             # StripOffsets, StripByteCounts
+_TILES = (324, 325)              # TileOffsets, TileByteCounts
+_UNCOMPRESSED, _YCBCR = 1, 6     # Compression and PhotometricInterpretation values
+
+
+def tiff_shortfall(tags, size: int, width: int, height: int) -> str | None:
+    """None when the first image's strips (or tiles) lie inside the `size`-byte file, cover
+    width x height, and, uncompressed, hold every byte of it; else what is wrong, in words.
+    `tags`: Pillow's `tag_v2` of the first frame."""
+    tiled = _TILES[0] in tags
+    offsets, counts = (tuple(tags.get(t) or ()) for t in (_TILES if tiled else _STRIPS))
+    if not offsets:
+        return None  # nothing to locate: Pillow or libtiff has refused it already
+    past = [o + c for o, c in zip(offsets, counts) if c and o + c > size]
+    if past:
+        return (f"its data runs to byte {max(past):,} of a {size:,}-byte file "
+                f"({len(past)} of {len(offsets)} {'tiles' if tiled else 'strips'})")
+    units, cell, bits_px, planes = _tiff_layout(tags, width, height, tiled)
+    if len(offsets) < units:
+        return (f"it has {len(offsets)} of the {units:,} {'tiles' if tiled else 'strips'} "
+                f"the {width}x{height} pixels its header declares need")
+    if tags.get(259, _UNCOMPRESSED) != _UNCOMPRESSED or tags.get(262) == _YCBCR:
+        return None  # compressed: libtiff checks the data; YCbCr may be subsampled
+    need = _raw_bytes(cell, bits_px, width, height, tiled) * planes
+    if len(counts) == len(offsets) and sum(counts) < need:
+        return f"{sum(counts):,} of the {need:,} bytes of pixels its header declares"
+    return None
+
+
+def _tiff_layout(tags, width: int, height: int, tiled: bool):
+    """(strips or tiles needed, (tile width, rows per strip or tile), bits per pixel of a
+    plane, planes) of a TIFF's first image."""
+    spp = int(tags.get(277, 1) or 1)
+    bps = tuple(tags.get(258) or (1,))
+    if len(bps) < spp:
+        bps = bps[:1] * spp
+    planes = spp if tags.get(284, 1) == 2 else 1  # PlanarConfiguration 2: a plane per sample
+    bits_px = bps[0] if planes > 1 else sum(bps[:spp])
+    if tiled:
+        tw, tl = int(tags.get(322) or width), int(tags.get(323) or height)
+        units = -(-width // max(tw, 1)) * -(-height // max(tl, 1))
+        return units * planes, (tw, tl), bits_px, planes
+    rows = min(int(tags.get(278) or height), height) or 1  # RowsPerStrip; default: all rows
+    return -(-height // rows) * planes, (width, rows), bits_px, planes
+
+
+def _raw_bytes(cell, bits_px: int, width: int, height: int, tiled: bool) -> int:
+    """Bytes of one plane of an uncompressed image: whole tiles, or rows (padded to a byte)."""
+    tw, tl = cell
+    if tiled:
+        return -(-width // tw) * -(-height // tl) * tl * -(-tw * bits_px // 8)
+    return height * -(-width * bits_px // 8)
+
+
+# -- GIF ---------------------------------------------------------------------------------------
+# An LZW code emits one string of the code table: after a clear code the table holds only
+# single pixels, and each code adds one entry one pixel longer than a string already there, so
+# the k-th code since the last clear emits at most k pixels, and no string is longer than the
+# table has entries (LZW_TABLE). Every code is at least min_code_size + 1 bits wide. So D bytes
+# of LZW data hold at most C = 8 D // (min_code_size + 1) codes, and at most
+# sum_{k=1..C} min(k, LZW_TABLE) pixels: a clear code restarts k, which only lowers the sum.
+# That bound is reached by nothing real (one colour compresses about as well), so no valid GIF
+# is refused; a frame larger than it cannot be what its data holds.
+LZW_TABLE = 4096                 # entries of GIF's LZW table (12-bit codes)
+GIF_SCREEN_PER_FRAME = 64        # most screen pixels per pixel of the first frame: Pillow fills
+#                                  the rest with background, and every encoder (Pillow's too)
+#                                  writes a first frame that covers the screen
+
+
+def lzw_max_pixels(data_bytes: int, min_code_size: int) -> int:
+    """The most pixels `data_bytes` of GIF LZW data can decode to (see above)."""
+    codes = 8 * data_bytes // (min_code_size + 1)
+    ramp = min(codes, LZW_TABLE)
+    return ramp * (ramp + 1) // 2 + (codes - ramp) * LZW_TABLE
+
+
+def gif_shortfall(f, width: int, height: int) -> str | None:
+    """None when the first frame's LZW data can hold the frame and the frame covers enough of
+    the width x height image Pillow made of it (the logical screen); else why not."""
+    frame = _first_frame(f)
+    if frame is None:
+        return None  # not found: Pillow decoded something else; nothing to compare
+    fw, fh, min_code, data = frame
+    most = lzw_max_pixels(data, min_code)
+    if fw * fh > most:
+        return (f"its first frame declares {fw}x{fh} pixels, and its {data:,} bytes of LZW "
+                f"data hold at most {most:,}")
+    if width * height > GIF_SCREEN_PER_FRAME * max(fw * fh, 1):
+        return (f"its first frame covers {fw}x{fh} of the {width}x{height} screen its header "
+                f"declares; the rest would be background")
+    return None
+
+
+def _first_frame(f) -> tuple[int, int, int, int] | None:
+    """(width, height, LZW minimum code size, LZW data bytes) of a GIF's first image."""
+    f.seek(10)
+    flags = f.read(3)[:1]
+    if not flags:
+        return None
+    if flags[0] & 0x80:
+        f.seek(3 << ((flags[0] & 7) + 1), 1)  # global colour table
+    while True:
+        kind = f.read(1)
+        if kind == b"!":  # extension: its label, then sub-blocks
+            f.seek(1, 1)
+            _sub_blocks(f)
+        elif kind == b",":
+            desc = f.read(9)
+            if len(desc) < 9:
+                return None
+            fw, fh = int.from_bytes(desc[4:6], "little"), int.from_bytes(desc[6:8], "little")
+            if desc[8] & 0x80:
+                f.seek(3 << ((desc[8] & 7) + 1), 1)  # local colour table
+            code = f.read(1)
+            return (fw, fh, code[0], _sub_blocks(f)) if code else None
+        elif kind in (b"", b";"):
+            return None  # the end, or the trailer: no frame
+        # else junk between blocks: Pillow skips it a byte at a time, and so does this
+
+
+def _sub_blocks(f) -> int:
+    """Skip a run of GIF sub-blocks; the data bytes they hold (those present in the file)."""
+    total = 0
+    while True:
+        n = f.read(1)
+        if not n or n[0] == 0:
+            return total
+        got = len(f.read(n[0]))
+        total += got
+        if got < n[0]:
+            return total

@@ -111,8 +111,10 @@ def _decode(source, name: str, size, max_pixels: int, reopen) -> ImageFile:
 
 def _check_complete(im: Image.Image, reopen, size: int, log: decodelog.DecodeLog) -> None:
     """Refuse a decode that filled missing data in: libtiff's errors (short or corrupt strips
-    it reported and went past), and PNG data that ends before the rows its header declares
-    (Pillow fills the rest with zeros), and JPEG data too short for its declared size."""
+    it reported and went past), PNG data that ends before the rows its header declares
+    (Pillow fills the rest with zeros), JPEG data too short for its declared size, TIFF
+    strips that lie past the file's end or cover too few rows, and GIF frames too large for
+    their LZW data or too small for their screen (runtime/datacheck.py)."""
     if log.errors:
         raise ImageError(f"truncated or corrupt TIFF data ({log.errors[0]})")
     if im.format == "PNG":
@@ -125,6 +127,15 @@ def _check_complete(im: Image.Image, reopen, size: int, log: decodelog.DecodeLog
             short = datacheck.jpeg_shortfall(f, size, im.width, im.height)
         if short:
             raise ImageError(f"truncated JPEG: {short}")
+    if im.format == "TIFF":
+        short = datacheck.tiff_shortfall(im.tag_v2, size, im.width, im.height)
+        if short:
+            raise ImageError(f"truncated TIFF: {short}")
+    if im.format == "GIF":
+        with reopen() as f:
+            short = datacheck.gif_shortfall(f, im.width, im.height)
+        if short:
+            raise ImageError(f"truncated GIF: {short}")
 
 
 # Formats Pillow identifies but cannot decode pixels of (or only with a program not bundled).
