@@ -131,8 +131,8 @@ def run_child(engine: Path, size: tuple[int, int], tile, overlap, threads: int) 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--engine", type=click.Path(path_type=Path), help="Engine dir (default: export "
                                                                  "the tiny preset to a temp dir).")
-@click.option("--sizes", default="512,4096,1x1000000,1000000x1", show_default=True,
-              help="Image sizes: square sides or HxW (tall and wide strips).")
+@click.option("--sizes", default="512,4096,1x1000000,1000000x1,64x700000", show_default=True,
+              help="Image sizes: square sides or HxW (tall and wide strips, a wide band).")
 @click.option("--tile", type=int, default=None, help="Tile side (default: the engine's max).")
 @click.option("--overlap", type=int, default=16, show_default=True, help="Tile overlap.")
 @click.option("--threads", type=int, default=0, show_default=True,

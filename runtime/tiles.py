@@ -4,9 +4,15 @@ the band of rows that blends restored tiles back, and how many tiles go to the e
 Batches follow the tiles in raster order and may span rows (and, in `restore_batch`, images of
 the same tile shape). That keeps the memory bound: the tiles in flight are at most one batch
 (`tile_batch` blocks in and out), and each image blends into one band of a tile's height, which
-is written out and reused as soon as a row is complete. Nothing grows with the image. Raster
-order also keeps the additions into the band in the same order as one tile at a time, so
-batching changes nothing but the engines' own batch arithmetic.
+is written out and reused as soon as a row is complete. Raster order also keeps the additions
+into the band in the same order as one tile at a time, so batching changes nothing but the
+engines' own batch arithmetic.
+
+An image so wide that the band would pass BAND_FLOATS is cut into column stripes of tiles, each
+blended top to bottom in raster order through a band of its own width. The pixels two stripes
+share get the left stripe's terms kept aside and added, row by row, just before the right
+stripe's, so every pixel still sums its tiles in raster order: the output is the one-band
+output, bit for bit. Then nothing grows with the image's height or its width.
 """
 from __future__ import annotations
 
@@ -19,9 +25,11 @@ from .config import LUMA, RestoreOptions
 from .errors import EngineDirError
 from .geometry import Geometry
 from .manifest import Manifest
-from .tiling import axis_weights, tile_starts
+from .tiling import axis_weights, column_stripes, tile_starts
 
 SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+BAND_FLOATS = 1 << 22            # most floats of one blending band (3 x tile rows x columns,
+#                                  16 MiB) before an image is blended in column stripes
 
 
 def pad_bottom_right(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
@@ -106,6 +114,7 @@ class Layout:
     xs: tuple[int, ...]           # tile column starts
     wys: tuple[np.ndarray, ...]   # per tile row, its blend weights over the rows it covers
     wxs: tuple[np.ndarray, ...]   # per tile column, the same over columns
+    stripes: tuple[tuple[int, int], ...] = ()  # tile columns [j0, j1) blended as one band
 
     @property
     def count(self) -> int:
@@ -121,31 +130,64 @@ def plan_layout(g: Geometry, h: int, w: int) -> Layout:
     tw = g.fit(w, 1) if w <= g.tile[1] else g.tile[1]
     ys, xs = tile_starts(h, th, g.overlap, g.align), tile_starts(w, tw, g.overlap, g.align)
     return Layout(th, tw, tuple(ys), tuple(xs), tuple(axis_weights(ys, th, h)),
-                  tuple(axis_weights(xs, tw, w)))
+                  tuple(axis_weights(xs, tw, w)), plan_stripes(xs, min(th, h), tw, h, w))
+
+
+def plan_stripes(xs: list[int], rows: int, tw: int, h: int, w: int) -> tuple[tuple[int, int], ...]:
+    """One stripe of all tile columns, unless the band (`rows` x w) would pass BAND_FLOATS and
+    stripes need less: their bands, plus the terms kept for the columns neighbours share (at
+    most two per pixel of a tile's width, over the image's height)."""
+    most = max(BAND_FLOATS // (3 * rows), 2 * tw)
+    if w <= most or rows * most + 2 * h * tw >= rows * w:
+        return ((0, len(xs)),)
+    return tuple(column_stripes(xs, tw, w, most))
 
 
 class Band:
-    """Blends an image's restored tiles, given in raster order, into `out` (a view shaped like
-    the colour part), a band of one tile's height at a time."""
+    """Blends an image's restored tiles, given stripe by stripe in raster order (`tile_jobs`),
+    into `out` (a view shaped like the colour part), a band of one tile's height at a time."""
 
     def __init__(self, layout: Layout, out: np.ndarray, h: int, w: int):
-        self.lay, self.out, self.h = layout, out, h
-        # rows [top, top + th) in progress; never more rows than the image has (a 1-row image's
-        # tiles are 8 rows high, and the band is as wide as the image)
-        self.band = np.zeros((3, min(layout.th, h), w), np.float32)
-        self.top = 0
+        self.lay, self.out, self.h, self.w = layout, out, h, w
+        self.stripe = self.top = 0
+        self.kept: dict[int, list] = {}     # tile row -> the left stripe's shared terms
+        self.keep: dict[int, list] = {}     # the same, gathered for the next stripe
+        self._open(0)
+
+    def _open(self, s: int) -> None:
+        """Start stripe `s`: a zeroed band over its columns, never more rows than the image
+        has (a 1-row image's tiles are 8 rows high)."""
+        lay = self.lay
+        j0, j1 = (lay.stripes or ((0, len(lay.xs)),))[s]
+        self.stripe, self.top, self.j0, self.j1 = s, 0, j0, j1
+        self.x0 = lay.xs[j0]
+        last = j1 == len(lay.xs)
+        self.x1 = self.w if last else lay.xs[j1]  # columns this stripe completes
+        self.share = None if last else lay.xs[j1]  # where the next stripe's columns start
+        end = min(lay.xs[j1 - 1] + lay.tw, self.w)
+        self.kept, self.keep = self.keep, {}
+        self.band = np.zeros((3, min(lay.th, self.h), end - self.x0), np.float32)
 
     def add(self, iy: int, ix: int, tile: np.ndarray) -> None:
-        lay, x = self.lay, self.lay.xs[ix]
-        wy, wx = lay.wys[iy], lay.wxs[ix]
-        self.band[:, :wy.size, x:x + wx.size] += tile[:, :wy.size, :wx.size] * (wy[:, None] * wx)
-        if ix == len(lay.xs) - 1:
+        lay = self.lay
+        if not self.j0 <= ix < self.j1:
+            self._open(self.stripe + 1)
+        if ix == self.j0:  # the left stripe's terms of this row come first, as in raster order
+            for x, term in self.kept.pop(iy, ()):
+                self.band[:, :term.shape[1], x - self.x0:x - self.x0 + term.shape[2]] += term
+        x, wy, wx = lay.xs[ix], lay.wys[iy], lay.wxs[ix]
+        term = tile[:, :wy.size, :wx.size] * (wy[:, None] * wx)
+        self.band[:, :wy.size, x - self.x0:x - self.x0 + wx.size] += term
+        if self.share is not None and x + wx.size > self.share:
+            self.keep.setdefault(iy, []).append((self.share, term[:, :, self.share - x:].copy()))
+        if ix == self.j1 - 1:
             self._row_done(iy)
 
     def _row_done(self, iy: int) -> None:
         lay, band, top, rows = self.lay, self.band, self.top, self.band.shape[1]
         done = lay.ys[iy + 1] if iy + 1 < len(lay.ys) else self.h
-        self.out[top:done] = to_uint(band[:, :done - top], self.out)
+        x0, x1 = self.x0, self.x1
+        self.out[top:done, x0:x1] = to_uint(band[:, :done - top, :x1 - x0], self.out)
         band[:, :rows - (done - top)] = band[:, done - top:]  # numpy buffers the overlap
         band[:, rows - (done - top):] = 0
         self.top = done
@@ -159,9 +201,11 @@ class TileJob:
 
 
 def tile_jobs(image: int, layout: Layout) -> Iterator[TileJob]:
-    for iy in range(len(layout.ys)):
-        for ix in range(len(layout.xs)):
-            yield TileJob(image, iy, ix)
+    """Raster order within each column stripe (for most images, the one stripe)."""
+    for j0, j1 in layout.stripes or ((0, len(layout.xs)),):
+        for iy in range(len(layout.ys)):
+            for ix in range(j0, j1):
+                yield TileJob(image, iy, ix)
 
 
 def in_batches(jobs: Iterable[TileJob], size: int) -> Iterator[list[TileJob]]:

@@ -67,3 +67,19 @@ def axis_weights(starts: list[int], tile: int, length: int) -> list[np.ndarray]:
     for s, w in zip(starts, raw):
         total[s:s + w.size] += w
     return [(w / total[s:s + w.size]).astype(np.float32) for s, w in zip(starts, raw)]
+
+
+def column_stripes(xs: list[int], tile: int, length: int, most: int) -> list[tuple[int, int]]:
+    """Tile columns [j0, j1) that blend as one band, each band at most `most` pixels wide
+    where the tiles allow. Every stripe but the last spans at least a tile of starts, so no
+    tile reaches past the next stripe into the one after it (only neighbours share pixels)."""
+    stripes, j0 = [], 0
+    while j0 < len(xs):
+        j1 = j0 + 1
+        while j1 < len(xs) and min(xs[j1] + tile, length) - xs[j0] <= most:
+            j1 += 1
+        while j1 < len(xs) and xs[j1] - xs[j0] < tile:
+            j1 += 1
+        stripes.append((j0, j1))
+        j0 = j1
+    return stripes
