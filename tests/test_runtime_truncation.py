@@ -39,7 +39,8 @@ def _set_tag(data: bytes, tag: int, value: int) -> bytes:
         t, typ, count = struct.unpack("<HHI", d[e:e + 8])
         if t == tag:
             fmt = "<I" if typ == 4 else "<H"
-            at = e + 8 if count * struct.calcsize(fmt) <= 4 else struct.unpack("<I", d[e + 8:e + 12])[0]
+            inline = count * struct.calcsize(fmt) <= 4
+            at = e + 8 if inline else struct.unpack("<I", d[e + 8:e + 12])[0]
             d[at:at + struct.calcsize(fmt)] = struct.pack(fmt, value)
             return bytes(d)
     raise KeyError(tag)
