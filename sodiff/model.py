@@ -96,12 +96,20 @@ class SODiff(nn.Module):
         return x0_from_eps(z_lq, eps, alpha)
 
     def forward(self, lq: torch.Tensor, mode: str | float | None = None, gumbel: bool = False,
-                generator: torch.Generator | None = None) -> SODiffOutput:
-        """Restore `lq` ([B,3,H,W] in [-1, 1], H and W multiples of `cfg.pad_multiple`)."""
+                generator: torch.Generator | None = None, view: torch.Tensor | None = None
+                ) -> SODiffOutput:
+        """Restore `lq` ([B,3,H,W] in [-1, 1], H and W multiples of `cfg.pad_multiple`).
+        `view` (default `lq`) is the image the prompt and the timestep are computed from: in
+        training, the larger crop a patch `lq` was cut from, as inference computes them from
+        the whole image."""
         self._check_input(lq)
+        view = lq if view is None else view
+        if view.shape[:2] != lq.shape[:2]:
+            raise ValueError(f"view {tuple(view.shape)} must have the batch and channels of "
+                             f"lq {tuple(lq.shape)}")
         s = self.cfg.scaling_factor
-        prompt, rec = self.saipe(resize_for_saipe(lq, self.cfg.saipe.image_size))
-        tau, qf, logits = self.timestep(lq, mode, gumbel, generator)
+        prompt, rec = self.saipe(resize_for_saipe(view, self.cfg.saipe.image_size))
+        tau, qf, logits = self.timestep(view, mode, gumbel, generator)
         z_lq = base_mod.encode_mean(self.vae, lq, s)
         z_hq = self.denoise(z_lq, tau, prompt)
         decoded = base_mod.decode(self.vae, z_hq, s)

@@ -102,7 +102,9 @@ class AttentionPool(nn.Module):
     def __init__(self, dim: int, heads: int, num_queries: int, tokens: int):
         super().__init__()
         self.heads, self.tokens = heads, tokens
-        self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        # Unit scale: at 0.02 the q projection's bias outweighed the queries, so every query
+        # attended alike and the prompt was one token repeated (relative spread 2e-4).
+        self.queries = nn.Parameter(torch.randn(num_queries, dim))
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)

@@ -192,3 +192,25 @@ def test_bsds_images_load():
     folder = shared_data("BSDS500/val")
     ds = JPEGPairs(folder_sources(folder, 64)[:4], 64, (5, 95), 0)
     assert ds[(0, 0, 3)]["lq"].shape == (3, 64, 64)
+
+
+def test_patch_is_cut_from_the_compressed_view_on_the_mcu_grid(tmp_path):
+    # Issue 13: stage 2 trains the UNet on small patches, but the predictor and SAIPE must see
+    # as much of the image as inference gives them: `view` is the whole compressed crop and the
+    # patch a piece of it, at a multiple of 16 (4:2:0's MCU), so its JPEG grid is at its origin.
+    write_image(tmp_path / "big" / "0.png", h=80, w=96)
+    ds = JPEGPairs(folder_sources(tmp_path / "big", 64), 64, (5, 95), 0, patch=16)
+    offsets = set()
+    for item in items(ds, range(12)):
+        view = to_uint8(item["view"])
+        assert view.shape == (64, 64, 3) and item["lq"].shape == (3, 16, 16)
+        lq = to_uint8(item["lq"])
+        hits = [(y, x) for y in range(0, 49, 16) for x in range(0, 49, 16)
+                if np.array_equal(view[y:y + 16, x:x + 16], lq)]
+        assert hits, "the patch is not an MCU-aligned piece of the view"
+        offsets.update(hits)
+    assert len(offsets) > 3  # the patch moves within the view
+    a, b = items(ds, [3]), items(ds, [3])
+    assert same(a, b)
+    with pytest.raises(ValueError, match="patch=80"):
+        JPEGPairs(folder_sources(tmp_path / "big", 64), 64, (5, 95), 0, patch=80)

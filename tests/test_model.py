@@ -107,3 +107,17 @@ def test_pad_reflect_keeps_the_top_left_grid():
     assert torch.equal(y[..., 5, :6], x[..., 3, :])  # reflection, not edge
     small = pad_reflect(torch.ones(1, 3, 1, 1), 3, 3)  # too small to reflect: replicate
     assert small.shape == (1, 3, 4, 4) and torch.equal(small, torch.ones(1, 3, 4, 4))
+
+
+def test_view_sets_prompt_and_timestep_lq_the_restored_patch(tiny_model):
+    # Stage 2 restores a patch but computes the prompt and tau from the crop it came from.
+    big, patch = lq(1, 128, 128, seed=3), lq(1, 32, 32, seed=4)
+    with torch.no_grad():
+        own, viewed = tiny_model(patch), tiny_model(patch, view=big)
+        whole = tiny_model(big)
+    assert viewed.restored.shape == (1, 3, 32, 32)
+    assert torch.equal(viewed.tau, whole.tau) and torch.equal(viewed.prompt, whole.prompt)
+    assert not torch.equal(viewed.prompt, own.prompt)
+    assert torch.equal(viewed.z_lq, own.z_lq)
+    with pytest.raises(ValueError, match="batch and channels"):
+        tiny_model(patch, view=lq(2, 64, 64))

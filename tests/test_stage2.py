@@ -209,6 +209,7 @@ def test_perceptual_weights_are_required_or_explicitly_off(tmp_path, init, image
     (dict(disc_trainable="some"), "disc_trainable='some'"),
     (dict(batch_size=0, keep_last=0), "batch_size=0 must be >= 1; keep_last=0"),
     (dict(mixed_precision="fp8"), "mixed_precision='fp8'"),
+    (dict(view_crop=8), "view_crop=8 must be >= crop=16"),
 ])
 def test_invalid_options_are_named(tmp_path, init, images, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -328,3 +329,29 @@ def test_stage2_logs_the_predictor_and_warns_on_a_saturated_softmax(tmp_path, im
     out = capsys.readouterr().out
     assert "timestep softmax is saturated" in out and "T_align trains" in out
     assert checkpoint.read_meta(final)["training"]["t_align_trained"] is True
+
+
+def test_view_crop_gives_prompt_and_timestep_the_whole_view(tmp_path, images, logged):
+    # Issue 13: on small crops the stage-1.5 predictor's QF estimate is off by ~14, so the UNet
+    # trained at other timesteps than whole images get. With --view-crop the predictor and
+    # SAIPE see the larger compressed crop; the UNet and the losses see a --crop patch of it.
+    folder = tmp_path / "big"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    cfg = config(tmp_path, unaligned_init(tmp_path), folder, view_crop=32)
+    item = stage2.training_pairs(cfg)[(0, 0, 0)]
+    assert item["view"].shape == (3, 32, 32) and item["lq"].shape == (3, CROP, CROP)
+    model = stage2.prepare_model(cfg)
+    batch = {k: v[None] for k, v in item.items()}
+    out, _, _ = stage2.generator_objective(model, None, None, batch, Stage2Weights(1, 0, 0, 1e-3),
+                                           torch.Generator().manual_seed(0))
+    assert out.restored.shape == (1, 3, CROP, CROP)
+    expected, _, _ = model.predictor(batch["view"], gumbel=True,
+                                     generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out.tau, expected)
+    stage2.train(cfg)
+    assert len(logged) == cfg.max_steps
+    with pytest.raises(ValueError, match="view_crop=36 must be a multiple of 8"):
+        stage2.prepare_model(config(tmp_path, cfg.init, folder, view_crop=36))

@@ -25,6 +25,9 @@ from sodiff.jpeg import compress
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 PAPER_QF_RANGE = (5, 95)  # uniform random JPEG quality, both ends included (Sec. 4.1)
 MIN_VAL_SIDE = 11  # SSIM's 11x11 window
+# A 4:2:0 JPEG's minimum coded unit: a patch cut at multiples of it has the block grid (luma
+# and chroma) at its origin, as a whole image has.
+MCU_SIDE = 16
 # Everything Pillow raises on a broken, truncated or hostile file.
 _READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError,
                 Image.DecompressionBombError)
@@ -168,12 +171,18 @@ class JPEGPairs(Dataset):
     Indexed by the keys of `StreamSampler`. An image that fails to decode (a truncated file the
     header check could not see) is replaced by the next source in the epoch's order, with one
     warning per file and process. `store` adds the text embedding of each captioned crop.
+    With `patch`, `lq`/`hq` are a `patch`-sized square of the compressed crop, cut on the
+    JPEG's MCU grid, and `view` is the whole compressed crop: the prompt and the timestep can
+    then be computed from as much of the image as inference gives them, while the UNet trains
+    on small patches.
     """
 
     def __init__(self, sources: Sequence[Source], crop: int, qf_range: tuple[int, int],
-                 seed: int, store=None):
+                 seed: int, store=None, patch: int | None = None):
+        if patch is not None and not 0 < patch <= crop:
+            raise ValueError(f"patch={patch} must be in 1..crop={crop}")
         self.sources, self.crop, self.qf_range = list(sources), crop, qf_range
-        self.seed, self.store = seed, store
+        self.seed, self.store, self.patch = seed, store, patch
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -206,6 +215,11 @@ class JPEGPairs(Dataset):
               else random_crop(image, self.crop, rng))
         lq, _ = compress(np.ascontiguousarray(hq), qf)
         out = {"lq": to_tensor(lq), "hq": to_tensor(hq), "qf": torch.tensor(float(qf))}
+        if self.patch is not None:
+            y, x = (MCU_SIDE * int(rng.integers(0, (n - self.patch) // MCU_SIDE + 1))
+                    for n in lq.shape[:2])
+            cut = (slice(y, y + self.patch), slice(x, x + self.patch))
+            out.update(view=out["lq"], lq=to_tensor(lq[cut]), hq=to_tensor(hq[cut]))
         if self.store is not None:
             out["text"] = torch.as_tensor(np.asarray(self.store[src.store_index][2]),
                                           dtype=torch.float32)

@@ -78,6 +78,10 @@ class Stage2Config(TrainConfig):
                                 "at each QF's matching noise level")
     timestep_lr_scale: float = opt(0.05, help="the timestep head's learning rate relative to "
                                    "--lr (its trunk and QF head learn at --lr)")
+    view_crop: int | None = opt(None, help="side of the compressed crop the prompt and the "
+                                "timestep are computed from; the UNet trains on a --crop "
+                                "patch of it, cut on the JPEG grid [default: --crop, no "
+                                "separate view]")
     predictor_lr_scale: float = opt(1.0, help="the predictor trunk's and QF head's learning "
                                     "rate relative to --lr; 0 freezes them (keeps a stage-1.5 "
                                     "predictor as it is: small training crops would otherwise "
@@ -108,8 +112,18 @@ def validate_train_config(cfg: Stage2Config) -> None:
         p.append(f"timestep_lr_scale={cfg.timestep_lr_scale} must be > 0")
     if not cfg.predictor_lr_scale >= 0:
         p.append(f"predictor_lr_scale={cfg.predictor_lr_scale} must be >= 0")
+    if cfg.view_crop is not None and cfg.crop is not None and cfg.view_crop < cfg.crop:
+        p.append(f"view_crop={cfg.view_crop} must be >= crop={cfg.crop} (the UNet's patch is "
+                 f"cut from the view)")
     p += [f"w_{k}={v} must be >= 0" for k, v in vars(cfg.weights).items() if not v >= 0]
     common.raise_problems(p)
+
+
+def training_pairs(cfg: Stage2Config) -> JPEGPairs:
+    """The data: `--crop` pairs, or `--crop` patches of a `--view-crop` view."""
+    side = cfg.view_crop or cfg.crop
+    return JPEGPairs(folder_sources(cfg.data, side), side, (cfg.qf_min, cfg.qf_max), cfg.seed,
+                     patch=cfg.crop if cfg.view_crop else None)
 
 
 def load_perceptual(spec: str) -> nn.Module | None:
@@ -186,8 +200,10 @@ def prepare_model(cfg: Stage2Config) -> SODiff:
     """The stage-1 model with stage 2's trainable parts switched on, everything else frozen."""
     model = checkpoint.load(cfg.init, cfg.base)
     m = model.cfg.pad_multiple
-    if cfg.crop % m:
-        raise ValueError(f"crop={cfg.crop} must be a multiple of {m} (the model's pad_multiple)")
+    for name in ("crop", "view_crop"):
+        if (getattr(cfg, name) or 0) % m:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be a multiple of {m} (the "
+                             f"model's pad_multiple)")
     if cfg.predictor:
         from .predictor import load_predictor
 
@@ -264,7 +280,7 @@ def generator_objective(gen: nn.Module, disc: UNetDiscriminator | None, dists: n
     """`(out, loss, terms)` of Eq. 12 for one batch; Gumbel noise on the timestep. The
     discriminator passes L_G's gradient to the generator but keeps none for itself; without
     one (`disc=None`) there is no L_G."""
-    out = gen(batch["lq"], gumbel=True, generator=generator)
+    out = gen(batch["lq"], gumbel=True, generator=generator, view=batch.get("view"))
     frozen = no_param_grads(disc) if disc is not None else contextlib.nullcontext()
     with autocast or contextlib.nullcontext(), frozen:
         loss, terms = stage2_generator_loss(out, batch["hq"], batch["qf"], dists, disc, weights,
@@ -291,8 +307,7 @@ def train(cfg: Stage2Config, perceptual: nn.Module | None = None) -> Path:
     run = Run(cfg, "stage2")
     dists = perceptual if perceptual is not None else load_perceptual(cfg.perceptual)
     model = prepare_model(cfg)
-    dataset = JPEGPairs(folder_sources(cfg.data, cfg.crop), cfg.crop, (cfg.qf_min, cfg.qf_max),
-                        cfg.seed)
+    dataset = training_pairs(cfg)
     opt_g = torch.optim.AdamW(generator_groups(model, cfg), lr=cfg.lr,
                               weight_decay=cfg.weight_decay)
     set_train_mode(model)
@@ -314,7 +329,9 @@ def train(cfg: Stage2Config, perceptual: nn.Module | None = None) -> Path:
     run.begin()
     groups = ", ".join(f"{g['name']} {len(g['params'])} @ x{g['lr_scale']:g}"
                        for g in opt_g.param_groups)
-    run.info(f"{len(dataset)} training images; {len(common.all_params(opt_g))} trained "
+    patches = (f"{cfg.crop} px patches of {cfg.view_crop} px views (prompt and timestep from "
+               f"the view)" if cfg.view_crop else f"{cfg.crop} px crops")
+    run.info(f"{len(dataset)} training images, {patches}; {len(common.all_params(opt_g))} trained "
              f"generator tensors ({groups}); T_align {'trains' if aligns(cfg) else 'frozen'}; "
              f"L_EA {'OFF (--perceptual none)' if dists is None else 'on'}; "
              f"discriminator {'on' if disc is not None else 'OFF (--w-gan 0)'}")
