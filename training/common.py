@@ -138,6 +138,11 @@ def all_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+# Optional numbers default to None, which says nothing of their type: without one click would
+# hand the train function a string.
+_OPTIONAL_NUMBERS = {"int | None": int, "float | None": float}
+
+
 def config_options(cls: type) -> Callable:
     """Click options for every field of the config dataclass `cls` (`--field-name`)."""
     def decorate(fn: Callable) -> Callable:
@@ -156,6 +161,8 @@ def config_options(cls: type) -> Callable:
                 kw["type"] = meta["type"]
             elif not required and f.default is not None:
                 kw["type"] = type(f.default)
+            elif f.type in _OPTIONAL_NUMBERS:
+                kw["type"] = _OPTIONAL_NUMBERS[f.type]
             fn = click.option(flag, f.name, **kw)(fn)
         return fn
     return decorate
