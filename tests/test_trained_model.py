@@ -108,6 +108,9 @@ def test_prompt_tokens_differ(model, photos):
         assert spread > MIN_TOKEN_SPREAD, (name, spread)
 
 
+@pytest.mark.xfail(strict=True, reason="issue 13, open: the retrained weights/tiny's UNet hardly "
+                   "reads its prompt (swap changes 0.008 grey levels; its denoiser pretraining "
+                   "was prompt-free). Strict: passing means the marker must go")
 def test_the_unet_reads_the_prompt(model, photos):
     (a, img_a), (b, img_b) = list(photos.items())[:2]
     lq_a, lq_b = as_input(img_a, 10), as_input(img_b, 10)
