@@ -114,7 +114,7 @@ class Layout:
     xs: tuple[int, ...]           # tile column starts
     wys: tuple[np.ndarray, ...]   # per tile row, its blend weights over the rows it covers
     wxs: tuple[np.ndarray, ...]   # per tile column, the same over columns
-    stripes: tuple[tuple[int, int], ...] = ()  # tile columns [j0, j1) blended as one band
+    stripes: tuple[tuple[int, int], ...]  # tile columns [j0, j1) blended as one band
 
     @property
     def count(self) -> int:
@@ -158,7 +158,7 @@ class Band:
         """Start stripe `s`: a zeroed band over its columns, never more rows than the image
         has (a 1-row image's tiles are 8 rows high)."""
         lay = self.lay
-        j0, j1 = (lay.stripes or ((0, len(lay.xs)),))[s]
+        j0, j1 = lay.stripes[s]
         self.stripe, self.top, self.j0, self.j1 = s, 0, j0, j1
         self.x0 = lay.xs[j0]
         last = j1 == len(lay.xs)
@@ -202,7 +202,7 @@ class TileJob:
 
 def tile_jobs(image: int, layout: Layout) -> Iterator[TileJob]:
     """Raster order within each column stripe (for most images, the one stripe)."""
-    for j0, j1 in layout.stripes or ((0, len(layout.xs)),):
+    for j0, j1 in layout.stripes:
         for iy in range(len(layout.ys)):
             for ix in range(j0, j1):
                 yield TileJob(image, iy, ix)

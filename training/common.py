@@ -50,7 +50,7 @@ class TrainConfig:
     out: str = opt(help="output folder: train_state/, logs/ (TensorBoard) and final/")
     data: str | None = opt(None, help="folder of high-quality training images (recursive)")
     crop: int | None = opt(None, help="training crop side in pixels [default: 512 (paper), 64 "
-                           "for the tiny preset]", type=int)
+                           "for the tiny preset]")
     qf_min: int = opt(5, help="lowest JPEG quality drawn, inclusive (paper: 5)")
     qf_max: int = opt(95, help="highest JPEG quality drawn, inclusive (paper: 95)")
     batch_size: int = opt(16, help="images per process per micro-batch")
@@ -75,7 +75,7 @@ class TrainConfig:
     val_images: int = opt(8, help="validation images (the first N, sorted)")
     val_qf: int = opt(10, help="JPEG quality of the validation inputs")
     val_crop: int | None = opt(None, help="validation images are centre-cropped to at most "
-                               "this square [default: as --crop]", type=int)
+                               "this square [default: as --crop]")
     resume: bool = opt(False, help="continue the run in --out from its newest train state")
 
 

@@ -62,12 +62,11 @@ class DenoiserConfig(TrainConfig):
     save_every: int = opt(500, help="write a train state every N steps (and at the end)")
     val_every: int = opt(500, help="held-out noise-prediction MSE every N steps")
     val_images: int = opt(8, help="held-out images (the first N, sorted)")
-    val_crop: int | None = opt(128, help="held-out images are centre-cropped to this square",
-                               type=int)
+    val_crop: int | None = opt(128, help="held-out images are centre-cropped to this square")
     scaling: float | None = opt(None, help="latent scaling factor written into the base's VAE "
                                 "config [default: 1 / std of the VAE's latents of the first 64 "
                                 "training images, so that latents have unit variance as SD2.1's "
-                                "0.18215 gives]", type=float)
+                                "0.18215 gives]")
 
 
 def validate_denoiser_config(cfg: DenoiserConfig) -> ModelConfig:

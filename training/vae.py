@@ -60,7 +60,7 @@ class VAEConfig(TrainConfig):
     val_images: int = opt(4, help="validation images during training (the first N, sorted); "
                           "the final eval.json uses every image of --val-data")
     val_crop: int | None = opt(None, help="centre-crop validation images during training to at "
-                               "most this square [default: whole images]", type=int)
+                               "most this square [default: whole images]")
 
 
 def validate_vae_config(cfg: VAEConfig) -> ModelConfig:
