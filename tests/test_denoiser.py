@@ -4,6 +4,7 @@ noise-level table is written, --resume is bit-exact, and bad options are named."
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -116,6 +117,8 @@ def test_noise_levels_grow_as_quality_falls(vae_dir):
     (dict(preset="sd21"), "must be a tiny preset"),
     (dict(scaling=-1.0), "scaling=-1.0 must be a positive number"),
     (dict(val_qf=20), "val_qf=20 is not used"),
+    (dict(saipe="/no/such/ckpt"), "saipe='/no/such/ckpt': checkpoint folder /no/such/ckpt does "
+     "not exist"),
 ])
 def test_invalid_options_are_named(tmp_path, data, vae_dir, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -125,3 +128,48 @@ def test_invalid_options_are_named(tmp_path, data, vae_dir, kw, message):
 def test_data_is_required(tmp_path, vae_dir):
     with pytest.raises(ValueError, match="data is required"):
         denoiser.validate_denoiser_config(config(tmp_path, None, vae_dir))
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(tmp_path_factory):
+    """A tiny-full checkpoint as stage 1 writes it (random SAIPE: its tokens differ by image)."""
+    from sodiff import checkpoint
+    from sodiff.model import SODiff
+
+    torch.manual_seed(0)
+    return checkpoint.save(SODiff(TINY_FULL), tmp_path_factory.mktemp("s1") / "final")
+
+
+def test_prompts_come_from_saipe_or_are_zero(stage1_ckpt):
+    saipe = denoiser.load_saipe(stage1_ckpt)
+    assert not any(p.requires_grad for p in saipe.parameters())
+    lq = torch.rand(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    p = denoiser.prompts(saipe, lq, TINY_FULL)
+    s = TINY_FULL.saipe
+    assert p.shape == (2, s.num_queries, s.prompt_dim)
+    assert (p[0] - p[1]).abs().max() > 1e-4  # two crops, two prompts
+    assert denoiser.prompts(None, lq, TINY_FULL).eq(0).all()
+
+
+def test_saipe_prompts_condition_the_training(tmp_path, data, vae_dir, stage1_ckpt):
+    kw = dict(val_data=str(data), val_every=4)
+    free = denoiser.train(config(tmp_path / "free", data, vae_dir, **kw))
+    cond = denoiser.train(config(tmp_path / "cond", data, vae_dir, saipe=str(stage1_ckpt),
+                                 val_qf=30, **kw))
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(free / name)), load_file(str(cond / name))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # same seed, data and noise: the prompt
+    ev = json.loads((cond / "eval.json").read_text())
+    assert ev["prompt"] == {"saipe": str(stage1_ckpt), "val_qf": 30}
+    assert ev["eps_mse"]["shuffled_mean"] != ev["eps_mse"]["mean"]
+    assert json.loads((free / "eval.json").read_text())["prompt"] is None
+
+
+def test_saipe_of_another_preset_is_refused(tmp_path, data, vae_dir, stage1_ckpt):
+    bad = tmp_path / "bad"
+    shutil.copytree(stage1_ckpt, bad)
+    meta = json.loads((bad / "sodiff.json").read_text())
+    meta["config"]["saipe"]["num_queries"] += 1
+    (bad / "sodiff.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="its SAIPE config differs from preset 'tiny-full'"):
+        denoiser.validate_denoiser_config(config(tmp_path, data, vae_dir, saipe=str(bad)))

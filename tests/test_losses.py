@@ -152,3 +152,26 @@ def test_stage1_loss_values_and_alignment_switch():
         stage1_loss(prompt, rec, hq[..., :32, :32], text)
     with pytest.raises(ValueError, match="text embedding"):
         stage1_loss(prompt, rec, hq, text[:, :10])
+
+
+def test_color_term_weighs_a_cast_not_the_noise():
+    """A constant offset of 0.01 and zero-mean noise of the same MSE: only the cast counts."""
+    g = torch.Generator().manual_seed(4)
+    hq = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    sign = torch.where(torch.rand(hq.shape, generator=g) < 0.5, -1.0, 1.0)
+    noise = sign - sign.mean(dim=(2, 3), keepdim=True)  # zero mean per crop and channel
+    noise = 0.01 * noise / noise.pow(2).mean().sqrt()
+    cast = hq.clone()
+    cast[:, 1] += 0.01 * 3 ** 0.5  # the green channel only, same MSE as the noise
+    w = Stage2Weights(mse=1.0, ea=0.0, gan=0.0, qf=0.0, color=10.0)
+    terms = {}
+    for name, decoded in (("cast", cast), ("noise", hq + noise)):
+        out = dataclasses.replace(fake_output(), decoded=decoded, qf=None)
+        total, terms[name] = stage2_generator_loss(out, hq, None, None, None, w)
+        assert torch.isclose(total, terms[name]["mse"] + 10.0 * terms[name]["color"])
+    assert torch.isclose(terms["cast"]["mse"], terms["noise"]["mse"], rtol=1e-4)
+    assert torch.isclose(terms["cast"]["color"], torch.tensor(0.01 ** 2), rtol=1e-4)
+    assert terms["noise"]["color"] < 1e-10
+    out = dataclasses.replace(fake_output(), decoded=cast, qf=None)
+    default, _ = stage2_generator_loss(out, hq, None, None, None)
+    assert torch.isclose(default, terms["cast"]["mse"])  # off unless asked for

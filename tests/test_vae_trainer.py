@@ -121,3 +121,27 @@ def test_refuses_to_overwrite_a_run(tmp_path, data):
     vae_mod.train(config(tmp_path / "run", data, max_steps=2))
     with pytest.raises(ValueError, match="already holds a training run"):
         vae_mod.train(config(tmp_path / "run", data, max_steps=2))
+
+
+def test_init_starts_from_the_given_weights(tmp_path, data):
+    first = vae_mod.train(config(tmp_path / "a", data))
+    again = vae_mod.build_model(TINY, seed=1, init=str(first))
+    saved = load_file(str(first / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in saved.items())
+    fresh = vae_mod.build_model(TINY, seed=0)
+    assert not all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    second = vae_mod.train(config(tmp_path / "b", data, init=str(first), max_steps=1))
+    moved = load_file(str(second / "diffusion_pytorch_model.safetensors"))
+    step = max((moved[k] - v).abs().max().item() for k, v in saved.items())
+    assert 0 < step < 0.01  # one small step away from `first`, not from a random start
+
+
+def test_bad_init_folders_are_named(tmp_path, data):
+    with pytest.raises(ValueError, match="is not a diffusers VAE folder: config.json"):
+        vae_mod.train(config(tmp_path / "run", data, init=str(tmp_path)))
+    first = vae_mod.train(config(tmp_path / "a", data, max_steps=1))
+    cfg = json.loads((first / "config.json").read_text())
+    (first / "config.json").write_text(json.dumps({**cfg, "latent_channels": 4}))
+    with pytest.raises(ValueError, match="'latent_channels': 4.*differ from preset 'tiny'"):
+        vae_mod.train(config(tmp_path / "run", data, init=str(first)))
+    assert not (tmp_path / "run").exists()

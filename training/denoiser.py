@@ -7,8 +7,11 @@ SD2.1's UNet knows what each timestep means because it was trained to remove tha
 that is what makes choosing `tau` per image worth it (paper Sec. 3.3). The tiny presets have no
 such UNet, so this stage makes one: epsilon prediction with SD2.1's schedule
 (`sodiff.schedule`), `t` uniform in 0..999, on the frozen stage-0 VAE's latents (posterior mean
-times the scaling factor) of clean training crops, prompt-free (an all-zero prompt: the UNet
-learns the image prior alone, and stage 2 teaches it to read SAIPE's prompt).
+times the scaling factor) of clean training crops. The condition is either nothing (all-zero
+tokens: the UNet learns the image prior alone) or, with `--saipe`, the prompt that a stage-1
+SAIPE (frozen) computes from each crop's JPEG, as stage 2 and inference do: a denoiser that
+must guess the image from heavy noise gains from a prompt that describes it, so its
+cross-attention learns to read SAIPE's tokens before stage 2 needs it to.
 
 `OUT/final/` is a base folder like `training.tiny_base`'s (`unet/` and `vae/`, diffusers
 layout), so `--base OUT/final` works for stage 1 and stage 2, plus `eval.json`: the held-out
@@ -29,12 +32,15 @@ from torch import nn
 
 from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from sodiff.base import build_unet, encode_mean
+from sodiff import checkpoint
 from sodiff.config import PRESETS, ModelConfig, get_preset
+from sodiff.jpeg import compress
+from sodiff.model import resize_for_saipe
 from sodiff.schedule import add_noise, alphas_cumprod
 
 from . import common
 from .common import FINAL_DIR, Run, TrainConfig, opt
-from .data import JPEGPairs, folder_sources, list_images, load_rgb, to_tensor
+from .data import JPEGPairs, folder_sources, list_images, load_rgb, to_tensor, to_uint8
 from .tiny_base import DEFAULT_VAE, VAE_FILES, check_vae
 
 EVAL_FILE = "eval.json"
@@ -43,7 +49,7 @@ NOISE_QFS = (5, 10, 20, 30, 40, 60, 80, 95)
 SCALING_IMAGES = 64  # training images whose centre crops set the latent scaling factor
 EVAL_TIMESTEPS = (20, 100, 250, 500, 750, 950)  # held-out noise-prediction MSE at these t
 EVAL_SEED = 1234                                 # the held-out noise: the same for every run
-UNUSED_VAL_QF = 10                               # TrainConfig's default; not used here
+UNUSED_VAL_QF = 10  # TrainConfig's default; used only with --saipe (the val prompts' JPEG QF)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +73,10 @@ class DenoiserConfig(TrainConfig):
                                 "config [default: 1 / std of the VAE's latents of the first 64 "
                                 "training images, so that latents have unit variance as SD2.1's "
                                 "0.18215 gives]")
+    saipe: str | None = opt(None, help="stage-1 checkpoint (training.stage1's OUT/final) whose "
+                            "SAIPE, frozen, gives each crop its prompt from the crop's JPEG "
+                            "(QF in --qf-min..--qf-max; --val-qf for the held-out crops), as "
+                            "stage 2 does [default: prompt-free, all-zero tokens]")
 
 
 def validate_denoiser_config(cfg: DenoiserConfig) -> ModelConfig:
@@ -84,12 +94,48 @@ def validate_denoiser_config(cfg: DenoiserConfig) -> ModelConfig:
                          f"pad_multiple)")
     if cfg.data is None:
         p.append("data is required (a folder of high-quality training images)")
-    if cfg.val_qf != UNUSED_VAL_QF:
-        p.append(f"val_qf={cfg.val_qf} is not used: the denoiser sees clean images only")
+    if cfg.saipe is None and cfg.val_qf != UNUSED_VAL_QF:
+        p.append(f"val_qf={cfg.val_qf} is not used: without --saipe the denoiser sees clean "
+                 f"images only")
+    if cfg.saipe is not None and model_cfg is not None:
+        p.extend(saipe_problems(cfg.saipe, model_cfg))
     if cfg.scaling is not None and not 0 < cfg.scaling < float("inf"):
         p.append(f"scaling={cfg.scaling} must be a positive number")
     common.raise_problems(p)
     return model_cfg
+
+
+def saipe_problems(folder: str, model_cfg: ModelConfig) -> list[str]:
+    """Why the checkpoint `folder` cannot give this preset's prompts (empty when it can)."""
+    try:
+        meta = checkpoint.read_meta(Path(folder).expanduser())
+    except checkpoint.CheckpointError as e:
+        return [f"saipe={folder!r}: {e}"]
+    want = json.loads(json.dumps(model_cfg.to_dict()["saipe"]))
+    if meta["config"].get("saipe") != want:
+        return [f"saipe={folder!r}: its SAIPE config differs from preset {model_cfg.name!r}'s"]
+    if meta.get("base") == "external":
+        return [f"saipe={folder!r} was trained on an SD2.1-base folder; the denoiser is for the "
+                f"tiny presets' stage-1 checkpoints"]
+    return []
+
+
+def load_saipe(folder: str | Path) -> nn.Module:
+    """The frozen SAIPE of the stage-1 checkpoint `folder`."""
+    return checkpoint.load(Path(folder).expanduser()).saipe.requires_grad_(False).eval()
+
+
+def jpegs(images: torch.Tensor, qf: int) -> torch.Tensor:
+    """The libjpeg round trip at quality `qf` of [-1, 1] images, as [-1, 1] tensors."""
+    return torch.stack([to_tensor(compress(to_uint8(x), qf)[0]) for x in images]).to(images)
+
+
+@torch.no_grad()
+def prompts(saipe: nn.Module | None, lq: torch.Tensor, model_cfg: ModelConfig) -> torch.Tensor:
+    """SAIPE's prompt of each JPEG crop, or the prompt-free condition without a SAIPE."""
+    if saipe is None:
+        return null_prompt(model_cfg, lq.shape[0], lq.device)
+    return saipe.prompt(resize_for_saipe(lq, model_cfg.saipe.image_size))
 
 
 def load_vae(folder: str | Path, preset: str) -> nn.Module:
@@ -139,16 +185,11 @@ def noise_levels(vae: nn.Module, images: torch.Tensor, scaling: float, table: to
     """Per QF, the RMS of the JPEG's latent error `s * (E(lq) - E(hq))` and the timestep
     whose noise level `sqrt((1 - a) / a)` matches it: where a denoiser of that `t` would
     remove as much as the JPEG added."""
-    from sodiff.jpeg import compress
-
-    from .data import to_uint8
-
     sigma = ((1 - table) / table).sqrt().cpu().double()
     z = encode_mean(vae, images, scaling)
     out = {}
     for q in qfs:
-        lq = torch.stack([to_tensor(compress(to_uint8(x), q)[0]) for x in images])
-        rms = float((encode_mean(vae, lq.to(images.device), scaling) - z).pow(2).mean().sqrt())
+        rms = float((encode_mean(vae, jpegs(images, q), scaling) - z).pow(2).mean().sqrt())
         t = float(np.interp(rms, sigma.numpy(), np.arange(len(sigma), dtype=np.float64)))
         out[str(q)] = {"latent_rms_error": rms, "tau": t}
     return out
@@ -173,20 +214,28 @@ def centre_crops(folder: str | Path, side: int, limit: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(unet: nn.Module, latents: torch.Tensor, table: torch.Tensor, model_cfg: ModelConfig,
-             timesteps: tuple[int, ...] = EVAL_TIMESTEPS) -> dict[str, float]:
-    """Held-out noise-prediction MSE at each of `timesteps` (fixed noise), and their mean."""
+             prompt: torch.Tensor | None = None, timesteps: tuple[int, ...] = EVAL_TIMESTEPS
+             ) -> dict[str, float]:
+    """Held-out noise-prediction MSE at each of `timesteps` (fixed noise), and their mean.
+    With each image's `prompt`, also the mean with the prompts rolled by one image
+    (`shuffled_mean`): above `mean` when the UNet reads the prompt."""
     modes = [(m, m.training) for m in unet.modules()]
     unet.eval()
     g = torch.Generator().manual_seed(EVAL_SEED)
     noise = torch.randn(latents.shape, generator=g).to(latents.device)
-    prompt = null_prompt(model_cfg, latents.shape[0], latents.device)
-    out = {}
-    for t in timesteps:
+    given = prompt if prompt is not None else null_prompt(model_cfg, latents.shape[0],
+                                                          latents.device)
+
+    def mse(t: int, p: torch.Tensor) -> float:
         tt = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
-        out[f"t{t}"] = float(eps_loss(unet, latents, tt, noise, table, prompt))
+        return float(eps_loss(unet, latents, tt, noise, table, p))
+
+    out = {f"t{t}": mse(t, given) for t in timesteps}
+    out["mean"] = float(np.mean(list(out.values())))
+    if prompt is not None and prompt.shape[0] > 1:
+        out["shuffled_mean"] = float(np.mean([mse(t, prompt.roll(1, 0)) for t in timesteps]))
     for m, training in modes:
         m.train(training)
-    out["mean"] = float(np.mean(list(out.values())))
     return out
 
 
@@ -222,26 +271,30 @@ def train(cfg: DenoiserConfig) -> Path:
                            model_cfg.beta_end).to(run.device)
     dataset = JPEGPairs(folder_sources(cfg.data, cfg.crop), cfg.crop, (cfg.qf_min, cfg.qf_max),
                         cfg.seed)
+    saipe = load_saipe(cfg.saipe).to(run.device) if cfg.saipe else None
     unet = build_model(model_cfg, cfg.seed).train()
     optimizer = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
     model, optimizer = run.acc.prepare(unet, optimizer)
     run.track({"unet": unet}, {"adam": optimizer})
-    val = None
+    val = val_prompt = None
     if cfg.val_data:
+        crops = centre_crops(cfg.val_data, cfg.val_crop, cfg.val_images).to(run.device)
         with torch.no_grad():
-            val = encode_mean(vae, centre_crops(cfg.val_data, cfg.val_crop, cfg.val_images)
-                              .to(run.device), s)
+            val = encode_mean(vae, crops, s)
+        if saipe is not None:
+            val_prompt = prompts(saipe, jpegs(crops, cfg.val_qf), model_cfg)
     batches = run.batches(dataset)
     run.begin()
     run.info(f"{len(dataset)} training images, {cfg.crop} px clean crops, latents "
              f"{model_cfg.latent_channels}x{cfg.crop // model_cfg.vae_factor}^2 scaled by "
-             f"{s:g}, prompt-free")
+             f"{s:g}, " + (f"prompts from {cfg.saipe}'s SAIPE" if saipe else "prompt-free"))
     for step in range(run.start_step, cfg.max_steps):
         lr = common.lr_at(step, cfg)
         common.set_lr(optimizer, lr)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            hq = next(batches)["hq"]
+            batch = next(batches)
+            hq, prompt = batch["hq"], prompts(saipe, batch["lq"], model_cfg)
             g = common.step_generator(cfg.seed, step, micro, run.acc.process_index, run.device)
             with torch.no_grad():
                 z0 = encode_mean(vae, hq, s)
@@ -249,8 +302,7 @@ def train(cfg: DenoiserConfig) -> Path:
                               device=run.device)
             noise = torch.randn(z0.shape, generator=g, device=run.device)
             with run.acc.accumulate(model), run.acc.autocast():
-                loss = eps_loss(model, z0, t, noise, table,
-                                null_prompt(model_cfg, z0.shape[0], run.device))
+                loss = eps_loss(model, z0, t, noise, table, prompt)
                 run.check_finite({"eps_mse": loss}, step + 1)
                 run.acc.backward(loss)
                 if run.acc.sync_gradients and cfg.grad_clip:
@@ -262,7 +314,7 @@ def train(cfg: DenoiserConfig) -> Path:
         run.log(done, {"eps_mse": total, "lr": lr})
         if val is not None and (done % cfg.val_every == 0 or done == cfg.max_steps) \
                 and run.acc.is_main_process:
-            result = evaluate(unet, val, table, model_cfg)
+            result = evaluate(unet, val, table, model_cfg, val_prompt)
             for k, v in result.items():
                 run.writer.add_scalar(f"denoiser/val_{k}", v, done)
             run.info(f"step {done}: held-out eps MSE {result['mean']:.4f} "
@@ -273,7 +325,9 @@ def train(cfg: DenoiserConfig) -> Path:
     if run.acc.is_main_process:
         files = {}
         if val is not None:
-            files[EVAL_FILE] = {"eps_mse": evaluate(unet, val, table, model_cfg),
+            files[EVAL_FILE] = {"eps_mse": evaluate(unet, val, table, model_cfg, val_prompt),
+                                "prompt": cfg.saipe and {"saipe": str(cfg.saipe),
+                                                         "val_qf": cfg.val_qf},
                                 "images": int(val.shape[0]), "crop": cfg.val_crop,
                                 "folder": str(cfg.val_data), "steps": cfg.max_steps,
                                 "seed": cfg.seed, "scaling_factor": s}

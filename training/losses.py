@@ -27,6 +27,9 @@ class Stage2Weights:
     ea: float = 1.0    # L_EA, edge-aware DISTS (Eq. 7)
     gan: float = 1e-2  # alpha in Eq. 12: the generator's adversarial loss L_G (Eq. 8)
     qf: float = 1e-3   # beta in Eq. 12: L1 on the predicted quality factor (Eq. 10)
+    # Not in the paper: the squared mean error of each channel of each crop. MSE weighs a
+    # colour cast by its tiny share of the squared error; this term weighs it by itself.
+    color: float = 0.0
 
 
 def validate_weights(w: Stage2Weights) -> None:
@@ -77,7 +80,8 @@ def stage2_generator_loss(out, hq: torch.Tensor, qf_gt: torch.Tensor | None,
                           weights: Stage2Weights = Stage2Weights(),
                           generator: torch.Generator | None = None
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. 12 for a `sodiff.model.SODiffOutput`: w.mse MSE + w.ea L_EA + w.gan L_G + w.qf L_qf.
+    """Eq. 12 for a `sodiff.model.SODiffOutput`: w.mse MSE + w.ea L_EA + w.gan L_G + w.qf L_qf,
+    plus w.color times the mean over crops and channels of the squared mean error.
 
     `hq` in [-1, 1] like `out.decoded`; `qf_gt` [B] (None, or `out.qf` None for a fixed timestep:
     no QF term). `dists=None` turns L_EA off, `disc=None` turns L_G off. The discriminator call
@@ -97,8 +101,10 @@ def stage2_generator_loss(out, hq: torch.Tensor, qf_gt: torch.Tensor | None,
     qf = zero
     if out.qf is not None and qf_gt is not None:
         qf = F.l1_loss(out.qf.float(), qf_gt.to(out.qf.device).float().reshape(out.qf.shape))
-    total = weights.mse * mse + weights.ea * ea + weights.gan * gan + weights.qf * qf
-    terms = {"mse": mse, "ea": ea, "gan": gan, "qf": qf, "total": total}
+    color = (out.decoded.float() - hq.float()).mean(dim=(2, 3)).pow(2).mean()
+    total = weights.mse * mse + weights.ea * ea + weights.gan * gan + weights.qf * qf \
+        + weights.color * color
+    terms = {"mse": mse, "ea": ea, "gan": gan, "qf": qf, "color": color, "total": total}
     return total, {k: v.detach() for k, v in terms.items()}
 
 

@@ -63,6 +63,9 @@ class Stage2Config(TrainConfig):
     w_gan: float = opt(1e-2, help="alpha of Eq. 12: weight of the generator's GAN loss; 0 "
                        "trains without a discriminator (no D network, no D step)")
     w_qf: float = opt(1e-3, help="beta of Eq. 12: weight of L1(QF_pred, QF_gt)")
+    w_color: float = opt(0.0, help="weight of the squared mean error of each channel of each "
+                         "crop (not in the paper: against a colour cast, which MSE barely "
+                         "weighs)")
     batch_size: int = opt(2, help="images per process per micro-batch (paper: 2 per GPU)")
     lr: float = opt(1e-5, help="AdamW learning rate of LoRA and predictor (paper: 1e-5)")
     max_steps: int = opt(150_000, help="optimizer steps (paper: 150k)")
@@ -89,7 +92,7 @@ class Stage2Config(TrainConfig):
 
     @property
     def weights(self) -> Stage2Weights:
-        return Stage2Weights(self.w_mse, self.w_ea, self.w_gan, self.w_qf)
+        return Stage2Weights(self.w_mse, self.w_ea, self.w_gan, self.w_qf, self.w_color)
 
 
 def validate_train_config(cfg: Stage2Config) -> None:

@@ -38,6 +38,7 @@ from sodiff.model import pad_reflect
 
 from . import common
 from .common import FINAL_DIR, Run, TrainConfig, opt
+from .tiny_base import VAE_FILES
 from .data import JPEGPairs, folder_sources, list_images, load_rgb, to_tensor, to_uint8
 
 EVAL_FILE = "eval.json"
@@ -61,6 +62,9 @@ class VAEConfig(TrainConfig):
                           "the final eval.json uses every image of --val-data")
     val_crop: int | None = opt(None, help="centre-crop validation images during training to at "
                                "most this square [default: whole images]")
+    init: str | None = opt(None, help="diffusers VAE folder of the preset's class to continue "
+                           "training from (a new optimizer and schedule) [default: seeded "
+                           "random weights]")
 
 
 def validate_vae_config(cfg: VAEConfig) -> ModelConfig:
@@ -74,6 +78,8 @@ def validate_vae_config(cfg: VAEConfig) -> ModelConfig:
         f = model_cfg.vae_factor
         if cfg.crop % f:
             p.append(f"crop={cfg.crop} must be a multiple of the VAE factor {f}")
+        if cfg.init is not None:
+            p.extend(init_problems(Path(cfg.init).expanduser(), model_cfg))
     if cfg.data is None:
         p.append("data is required (a folder of high-quality training images)")
     if cfg.batch_size < 2:
@@ -85,11 +91,31 @@ def validate_vae_config(cfg: VAEConfig) -> ModelConfig:
     return model_cfg
 
 
-def build_model(model_cfg: ModelConfig, seed: int) -> nn.Module:
-    """The preset's VAE with seeded random weights."""
+def init_problems(folder: Path, model_cfg: ModelConfig) -> list[str]:
+    """Why `folder` cannot start this preset's VAE training (empty when it can)."""
+    missing = [f for f in VAE_FILES if not (folder / f).is_file()]
+    if missing:
+        return [f"init={str(folder)!r} is not a diffusers VAE folder: {', '.join(missing)} "
+                f"missing (OUT/final of training.vae is one)"]
+    found = json.loads((folder / "config.json").read_text())
+    bad = {k: found.get(k) for k, v in model_cfg.vae.items() if found.get(k) != v}
+    if found.get("_class_name") != model_cfg.vae_class:
+        bad["_class_name"] = found.get("_class_name")
+    if bad:
+        return [f"init={str(folder)!r}: {bad} differ from preset {model_cfg.name!r}'s VAE"]
+    return []
+
+
+def build_model(model_cfg: ModelConfig, seed: int, init: str | None = None) -> nn.Module:
+    """The preset's VAE: the weights of the folder `init`, or seeded random ones."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_vae(model_cfg.vae_class, model_cfg.vae)
+        vae = build_vae(model_cfg.vae_class, model_cfg.vae)
+    if init is not None:
+        from safetensors.torch import load_file
+
+        vae.load_state_dict(load_file(str(Path(init).expanduser() / VAE_FILES[1])))
+    return vae
 
 
 def roundtrip(vae: nn.Module, image: torch.Tensor, factor: int, scaling: float = 1.0
@@ -178,7 +204,7 @@ def train(cfg: VAEConfig) -> Path:
     run = Run(cfg, "vae")
     dataset = JPEGPairs(folder_sources(cfg.data, cfg.crop), cfg.crop, (cfg.qf_min, cfg.qf_max),
                         cfg.seed)
-    vae = build_model(model_cfg, cfg.seed).train()
+    vae = build_model(model_cfg, cfg.seed, cfg.init).train()
     optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     model, optimizer = run.acc.prepare(vae, optimizer)
     run.track({"vae": vae}, {"adam": optimizer})
