@@ -89,6 +89,18 @@ def test_roundtrip_psnr_is_exact_for_an_identity_like_error():
     image = (np.arange(5 * 7 * 3) % 256).astype(np.uint8).reshape(5, 7, 3)
     result = vae_mod.roundtrip_psnr(Identity(), [("a", image)], factor=2)
     assert result["psnr"] == float("inf") and result["images"] == 1
+    assert result["signed_error_rgb"] == [0.0, 0.0, 0.0]
+    # With qf the input is the JPEG, compared with the clean image: the JPEG's own error.
+    from sodiff.jpeg import compress
+    from sodiff.metrics import psnr
+
+    smooth = np.stack(np.mgrid[0:32, 0:32], -1).sum(-1, keepdims=True).repeat(3, -1) * 4
+    smooth = smooth.astype(np.uint8)
+    jpeg = compress(smooth, 10)[0]
+    at10 = vae_mod.roundtrip_psnr(Identity(), [("s", smooth)], factor=2, qf=10)
+    assert at10["qf"] == 10 and at10["psnr"] == pytest.approx(psnr(jpeg, smooth))
+    assert at10["signed_error_rgb"] == pytest.approx(
+        (jpeg.astype(float) - smooth).mean(axis=(0, 1)).tolist())
 
 
 def test_resume_is_bit_exact(tmp_path, data):

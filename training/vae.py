@@ -34,6 +34,7 @@ from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from sodiff import metrics
 from sodiff.base import build_vae, decode, encode_mean
 from sodiff.config import PRESETS, ModelConfig, get_preset
+from sodiff.jpeg import compress
 from sodiff.model import pad_reflect
 
 from . import common
@@ -158,30 +159,36 @@ def load_clean(folder: str | Path, limit: int | None = None, side: int | None = 
 
 @torch.no_grad()
 def roundtrip_psnr(vae: nn.Module, images: list[tuple[str, np.ndarray]], factor: int,
-                   device: torch.device | str = "cpu", progress: bool = False
-                   ) -> dict[str, object]:
-    """Round-trip PSNR (uint8, all channels) of each image and their mean, VAE in eval mode."""
+                   device: torch.device | str = "cpu", progress: bool = False,
+                   qf: int | None = None) -> dict[str, object]:
+    """Round-trip PSNR (uint8, all channels) of each image against itself, their mean and the
+    mean signed error per channel, VAE in eval mode. With `qf` the VAE gets the image's JPEG at
+    that quality (what the one-step model starts from), still compared with the clean image."""
     modes = [(m, m.training) for m in vae.modules()]
     vae.eval()
-    per_image = {}
+    per_image, signed = {}, []
     for name, image in tqdm(images, desc="round-trip", disable=not progress, leave=False):
-        out = roundtrip(vae, to_tensor(image)[None].to(device), factor)
-        per_image[name] = metrics.psnr(to_uint8(out), image)
+        given = image if qf is None else compress(image, qf)[0]
+        out = to_uint8(roundtrip(vae, to_tensor(given)[None].to(device), factor))
+        per_image[name] = metrics.psnr(out, image)
+        signed.append((out.astype(np.float64) - image).mean(axis=(0, 1)))
     for m, training in modes:
         m.train(training)
     return {"psnr": float(np.mean(list(per_image.values()))), "images": len(per_image),
+            "qf": qf, "signed_error_rgb": np.mean(signed, axis=0).tolist(),
             "per_image": per_image}
 
 
-def evaluate_folder(vae_dir: str | Path, folder: str | Path, device: str = "cpu"
-                    ) -> dict[str, object]:
-    """Whole-image round-trip PSNR of the diffusers VAE folder `vae_dir` on `folder`."""
+def evaluate_folder(vae_dir: str | Path, folder: str | Path, device: str = "cpu",
+                    qf: int | None = None) -> dict[str, object]:
+    """Whole-image round-trip PSNR of the diffusers VAE folder `vae_dir` on `folder` (of the
+    images' JPEGs at quality `qf` when given, against the clean images)."""
     import diffusers
 
     vae_class = json.loads((Path(vae_dir) / "config.json").read_text())["_class_name"]
     vae = getattr(diffusers, vae_class).from_pretrained(str(vae_dir)).to(device)
     factor = ModelConfig(name="eval", vae=dict(vae.config), vae_class=vae_class).vae_factor
-    return roundtrip_psnr(vae, load_clean(folder), factor, device, progress=True)
+    return roundtrip_psnr(vae, load_clean(folder), factor, device, progress=True, qf=qf)
 
 
 def export(vae: nn.Module, folder: Path, evaluation: dict[str, object] | None) -> Path:
