@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.cliopts import CONTEXT_SETTINGS, version_option
-from sodiff.base import build_unet, encode_mean
 from sodiff import checkpoint
+from sodiff.base import build_unet, encode_mean
 from sodiff.config import PRESETS, ModelConfig, get_preset
 from sodiff.jpeg import compress
 from sodiff.model import resize_for_saipe

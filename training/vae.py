@@ -39,8 +39,8 @@ from sodiff.model import pad_reflect
 
 from . import common
 from .common import FINAL_DIR, Run, TrainConfig, opt
-from .tiny_base import VAE_FILES
 from .data import JPEGPairs, folder_sources, list_images, load_rgb, to_tensor, to_uint8
+from .tiny_base import VAE_FILES
 
 EVAL_FILE = "eval.json"
 UNUSED_VAL_QF = 10  # TrainConfig's default; the VAE is validated on clean images only
