@@ -4,6 +4,7 @@ the side-by-side crop grid."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ class Restored:
     qf: float | None         # the predictor's quality-factor estimate (None: no predictor)
 
 
-Restorer = Callable[[np.ndarray], Restored]  # uint8 HxWx3 -> Restored
+Restorer = Callable[[np.ndarray, bytes], Restored]  # uint8 HxWx3, its JPEG file -> Restored
 
 
 def torch_restorer(checkpoint: Path, base: Path | None, device: str) -> Restorer:
@@ -75,7 +76,7 @@ def torch_restorer(checkpoint: Path, base: Path | None, device: str) -> Restorer
     model = model.to(device).eval()
 
     @torch.inference_mode()
-    def restore(rgb: np.ndarray) -> Restored:
+    def restore(rgb: np.ndarray, data: bytes) -> Restored:  # the paper's model: no constraint
         lq = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1
         tau, qf, _ = model.timestep(lq)
         out = model.restore(lq, mode=float(tau[0]))
@@ -84,14 +85,22 @@ def torch_restorer(checkpoint: Path, base: Path | None, device: str) -> Restorer
     return restore
 
 
-def engine_restorer(engine_dir: Path) -> Restorer:
+def engine_restorer(engine_dir: Path, jpeg_constraint: bool = True) -> Restorer:
     """The torch-free runtime's Restorer (its backend as the engine dir says: onnxruntime for
-    ONNX graphs); the predicted QF comes from `restore_info`."""
+    ONNX graphs), given the JPEG's tables as sodiff-run reads them from the file; the predicted
+    QF comes from `restore_info`."""
     from runtime import Restorer as RuntimeRestorer
-    restorer = RuntimeRestorer(engine_dir)
+    from runtime.jpegqcs import tables_of
+    restorer = RuntimeRestorer(engine_dir, jpeg_constraint=jpeg_constraint)
 
-    def restore(rgb: np.ndarray) -> Restored:
-        image, info = restorer.restore_info(rgb)
+    def restore(rgb: np.ndarray, data: bytes) -> Restored:
+        with Image.open(io.BytesIO(data)) as im:
+            tables = tables_of(im)
+        if tables is not None and tables.grey:  # a grey JPEG: the runtime's grey path
+            image, info = restorer.restore_info(rgb[..., 0].copy(), jpeg=tables)
+            image = np.repeat(image[..., None], 3, axis=2)
+        else:
+            image, info = restorer.restore_info(rgb, jpeg=tables)
         qf = info.get("qf_predicted")
         return Restored(image, None if qf is None else float(qf))
     return restore
@@ -101,6 +110,13 @@ def score(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """PSNR, SSIM, PSNR-B of `out` against `ref` (sodiff.metrics, FBCNN conventions)."""
     return {"psnr": metrics.psnr(out, ref), "ssim": metrics.ssim(out, ref),
             "psnr_b": metrics.psnr_b(out, ref)}
+
+
+def mean_error(out: np.ndarray, ref: np.ndarray) -> list[float]:
+    """Mean signed error per channel in grey levels (R, G, B; one value for grey): a colour
+    cast shows here long before it costs PSNR."""
+    diff = out.astype(np.float64) - ref.astype(np.float64)
+    return [float(v) for v in np.atleast_1d(diff.mean(axis=(0, 1)))]
 
 
 def evaluate_image(ref: np.ndarray, qf: int, grey: bool,
@@ -113,12 +129,13 @@ def evaluate_image(ref: np.ndarray, qf: int, grey: bool,
     images = {"jpeg": decoded, "reference": ref}
     if restorer is not None:
         rgb = np.repeat(decoded[..., None], 3, axis=2) if grey else decoded
-        result = restorer(rgb)
+        result = restorer(rgb, data)
         restored = to_grey(result.image) if grey else result.image
         if restored.shape != ref.shape:
             raise RuntimeError(f"restorer returned shape {restored.shape} for an input of "
                                f"shape {ref.shape}")
         rec["restored"] = score(restored, ref)
+        rec["restored_bias"] = mean_error(restored, ref)
         rec["predicted_qf"] = result.qf
         images["restored"] = restored
     return rec, images

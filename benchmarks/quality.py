@@ -50,6 +50,7 @@ class QualitySettings:
     grid_qf: int                  # the QF the grid shows
     out: Path                     # results folder
     name: str                     # file stem
+    jpeg_constraint: bool = True  # the runtime's quantization constraint (engine mode)
 
 
 def validate_settings(s: QualitySettings) -> None:
@@ -80,7 +81,7 @@ def _restorer(s: QualitySettings):
     if s.mode == "checkpoint":
         return Q.torch_restorer(s.checkpoint, s.base, s.device)
     if s.mode == "engine":
-        return Q.engine_restorer(s.engine)
+        return Q.engine_restorer(s.engine, s.jpeg_constraint)
     return None
 
 
@@ -97,6 +98,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         if all(side in r for r in records):
             keys = records[0][side].keys()
             out[side] = {k: _mean([r[side][k] for r in records]) for k in keys}
+    if all("restored_bias" in r for r in records):
+        out["restored_bias"] = [float(v) for v in
+                                np.mean([r["restored_bias"] for r in records], axis=0)]
     pred = [abs(r["predicted_qf"] - r["qf"]) for r in records
             if r.get("predicted_qf") is not None]
     out["predictor_qf_mae"] = _mean(pred)
@@ -122,12 +126,14 @@ def render(doc: dict[str, Any]) -> str:
         restored = doc["model"] != "JPEG only"
         rows = []
         for qf, sm in by_qf.items():
-            mae = sm["predictor_qf_mae"]
+            mae, bias = sm["predictor_qf_mae"], sm.get("restored_bias")
             rows.append([qf, sm["images"], _fmt(sm.get("jpeg"))]
-                        + ([_fmt(sm.get("restored")), "—" if mae is None else f"{mae:.2f}"]
+                        + ([_fmt(sm.get("restored")), "—" if mae is None else f"{mae:.2f}",
+                            "—" if bias is None else "/".join(f"{v:+.2f}" for v in bias)]
                            if restored else [])
                         + [f"{100 * sm['header_qf_exact']:.0f}%"])
-        headers = ["QF", "images", "JPEG"] + (["restored", "predictor QF MAE"] if restored
+        headers = ["QF", "images", "JPEG"] + (["restored", "predictor QF MAE",
+                                               "signed error (grey levels)"] if restored
                                               else []) + ["header QF exact"]
         lines += [f"### {set_name}", "", C.md_table(headers, rows), ""]
         iqa_rows = [[qf] + [f"{sm[side][m]:.4f}" for m in doc["iqa"]["used"]
@@ -215,8 +221,10 @@ _path = click.Path(path_type=Path)
 @click.option("--grid-qf", type=int, default=10, show_default=True)
 @click.option("--out", type=_path, default=C.RESULTS_DIR, show_default=True)
 @click.option("--name", help="File stem [quality_<jpeg|checkpoint|engine name>].")
+@click.option("--no-jpeg-constraint", is_flag=True, help="--engine: without the runtime's "
+              "quantization constraint (runtime/jpegqcs.py), as sodiff-run --no-jpeg-constraint.")
 def main(jpeg_only: bool, checkpoint: Path | None, engine: Path | None, qf: str, sets: str,
-         iqa: str, name: str | None, **kw: Any) -> None:
+         iqa: str, name: str | None, no_jpeg_constraint: bool, **kw: Any) -> None:
     """PSNR / SSIM / PSNR-B (+ QF error, + pyiqa metrics) on LIVE1 and Classic5."""
     chosen = [m for m, on in (("jpeg-only", jpeg_only), ("checkpoint", checkpoint),
                               ("engine", engine)) if on]
@@ -232,7 +240,7 @@ def main(jpeg_only: bool, checkpoint: Path | None, engine: Path | None, qf: str,
             qfs=tuple(C.parse_int_list(qf, "--qf")),
             sets=tuple(x.strip() for x in sets.split(",") if x.strip()),
             iqa=tuple(x.strip() for x in iqa.split(",") if x.strip()),
-            name=name or f"quality_{stem}", **kw)
+            name=name or f"quality_{stem}", jpeg_constraint=not no_jpeg_constraint, **kw)
         doc = run_quality(s, command)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise click.ClickException(str(e)) from None

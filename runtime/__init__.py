@@ -9,11 +9,13 @@ and nothing here ever imports torch, `sodiff` or `export`.
 """
 from __future__ import annotations
 
-__all__ = ["Restorer", "RestoreOptions", "EngineDirError", "BackendError", "ImageError"]
+__all__ = ["Restorer", "RestoreOptions", "JpegTables", "EngineDirError", "BackendError",
+           "ImageError"]
 
 _LAZY = {
     "Restorer": ("pipeline", "Restorer"),
     "RestoreOptions": ("config", "RestoreOptions"),
+    "JpegTables": ("jpegqcs", "JpegTables"),
     "EngineDirError": ("errors", "EngineDirError"),
     "BackendError": ("errors", "BackendError"),
     "ImageError": ("errors", "ImageError"),

@@ -143,7 +143,8 @@ LOCAL = LocalFiles()
 # One --report line per image, every key on every line (null when not known: a failed image
 # has no tau); docs/runtime.md documents each. `ms` holds read, each stage, total and write.
 REPORT_KEYS = ("input", "output", "ok", "error", "mode", "format", "size", "qf_header",
-               "qf_predicted", "tau", "tau_source", "neutral", "tiles", "ms", "warnings")
+               "qf_predicted", "tau", "tau_source", "neutral", "jpeg_constraint", "tiles", "ms",
+               "warnings")
 
 
 def report_line(**fields) -> dict:
@@ -170,7 +171,7 @@ def process(restorer, job: Job, opts: BatchOptions, tiles: Callable | None = Non
     img = files.read(job.source, opts.max_pixels)
     check_output_size(job.target, img.array.shape[0], img.array.shape[1])  # before restoring
     t1 = time.perf_counter()
-    out, info = restorer.restore_info(img.array, img.qf, tiles)
+    out, info = restorer.restore_info(img.array, img.qf, tiles, jpeg=getattr(img, "jpeg", None))
     t2 = time.perf_counter()
     files.write(job.target, out, img.icc, img.exif, opts.quality, opts.overwrite)
     ms = {"read": round((t1 - t0) * 1000, 2), **info.pop("ms"),

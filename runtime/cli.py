@@ -46,10 +46,16 @@ EXIT_FAILED, EXIT_UNUSABLE, EXIT_INTERRUPTED = 1, 2, 130  # 130: 128 + SIGINT, t
 @click.option("--max-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS,
               show_default=True, help="Decompression-bomb limit in pixels (0: none).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files.")
+@click.option("--no-keep-colour", is_flag=True, help="Leave the UNet's colours as they are "
+              "(default: each tile's mean colour is set to the input's).")
+@click.option("--no-jpeg-constraint", is_flag=True, help="Keep restored block-DCT coefficients "
+              "outside the JPEG's quantization intervals (default: a JPEG input's output is "
+              "projected onto them).")
 @click.option("--report", is_flag=True, help="One JSON line per image on stdout (QF, tau, "
                                              "size, ms per stage).")
 def main(engine, inputs, output, fmt, quality, overwrite, backend, device, tile, overlap,
-         tile_batch, timestep, threads, max_pixels, no_verify, report):
+         tile_batch, timestep, threads, max_pixels, no_verify, no_keep_colour,
+         no_jpeg_constraint, report):
     """Restore JPEG-compressed images with a SODiff engine dir.
 
     INPUT: files, folders (searched recursively) and glob patterns.
@@ -73,7 +79,8 @@ def main(engine, inputs, output, fmt, quality, overwrite, backend, device, tile,
     try:
         restorer = Restorer(engine, RestoreOptions(
             backend=backend, device=device, tile=tile, overlap=overlap, tile_batch=tile_batch,
-            timestep=timestep, threads=threads, verify_hashes=not no_verify))
+            timestep=timestep, threads=threads, verify_hashes=not no_verify,
+            keep_colour=not no_keep_colour, jpeg_constraint=not no_jpeg_constraint))
     except (EngineDirError, BackendError, ValueError) as e:
         _die(str(e), EXIT_UNUSABLE)
     if no_verify:

@@ -73,6 +73,11 @@ class RestoreOptions:
         checked).
     tile_batch: tiles per encoder/UNet/decoder call; None: the engines' largest batch.
     io_binding: chain components through device-resident OrtValues (False: through the host).
+    keep_colour: shift each restored tile's mean colour to the input tile's (a JPEG keeps
+        block means; the UNet can add a cast). False: the UNet's output as it is.
+    jpeg_constraint: when the input's JPEG tables are known (a JPEG file; `jpeg=` in the
+        API), clip the output's block-DCT coefficients into the JPEG's quantization intervals,
+        which hold the original's. False: never.
     """
 
     backend: str = "auto"         # auto: each component's backend from the manifest; ort; trt
@@ -89,6 +94,10 @@ class RestoreOptions:
     io_binding: bool = True       # onnxruntime: chain components through IO-bound OrtValues
     #                               that stay on the device; False: every call copies through
     #                               the host (the plain session.run path, for comparisons)
+    keep_colour: bool = True      # each tile's mean colour set to the input tile's (issue 13's
+    #                               green cast); False: as the UNet restores it
+    jpeg_constraint: bool = True  # where the input's JPEG tables are given, project the output
+    #                               onto their quantization intervals (runtime/jpegqcs.py)
 
 
 def validate_options(opts: RestoreOptions) -> None:
@@ -110,6 +119,9 @@ def validate_options(opts: RestoreOptions) -> None:
         problems.append(f"tile_batch={opts.tile_batch!r} (expected a positive number of tiles)")
     if not isinstance(opts.io_binding, bool):
         problems.append(f"io_binding={opts.io_binding!r} (expected True or False)")
+    for name in ("keep_colour", "jpeg_constraint"):
+        if not isinstance(getattr(opts, name), bool):
+            problems.append(f"{name}={getattr(opts, name)!r} (expected True or False)")
     if not isinstance(opts.threads, int) or opts.threads < 0:
         problems.append(f"threads={opts.threads!r} (expected an integer >= 0)")
     if problems:

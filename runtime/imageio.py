@@ -25,6 +25,7 @@ from .config import (DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, FORMAT_MAX_SIDE, OUTPU
                      TEMP_PATTERN)
 from . import datacheck, decodelog
 from .errors import ImageError
+from .jpegqcs import JpegTables, tables_of
 from .jpegqf import estimate_quality
 
 EXIF_ORIENTATION = 0x0112
@@ -46,6 +47,8 @@ class ImageFile:
     mode: str                     # Pillow's mode of the file, for reports
     format: str | None            # Pillow's format name of the file
     warnings: tuple[str, ...] = ()  # what the decoders warned about, one line each
+    jpeg: JpegTables | None = None  # a JPEG's tables, when its pixels are the decoder's as
+    #                                 they were (no EXIF rotation): the quantization constraint
 
 
 @contextlib.contextmanager
@@ -87,6 +90,8 @@ def _decode(source, name: str, size, max_pixels: int, reopen) -> ImageFile:
             fmt, qf, mode = im.format, estimate_quality(im), im.mode
             im.load()  # decode now: truncation and corruption surface here
             _check_complete(im, reopen, size(), log)
+            upright = im.getexif().get(EXIF_ORIENTATION, 1) in (1, None)
+            jpeg = tables_of(im) if upright else None
             ImageOps.exif_transpose(im, in_place=True)  # no second full-size copy
             array, icc = _to_array(im, im.info.get("icc_profile"))
             exif = _exif_bytes(im)
@@ -106,7 +111,7 @@ def _decode(source, name: str, size, max_pixels: int, reopen) -> ImageFile:
                              ) from None
         raise ImageError(f"{name}: truncated or corrupt image ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
-    return ImageFile(array, qf, icc, exif, mode, fmt, tuple(log.warnings))
+    return ImageFile(array, qf, icc, exif, mode, fmt, tuple(log.warnings), jpeg)
 
 
 def _check_complete(im: Image.Image, reopen, size: int, log: decodelog.DecodeLog) -> None:

@@ -2,7 +2,8 @@
 
 decode -> [-1, 1] -> SAIPE prompt (image resized to saipe_size) -> tau (predictor on native
 pixels, the manifest's fixed value, or the JPEG header's QF) -> per tile: pad bottom/right,
-VAE encoder, UNet, VAE decoder, crop -> feathered blend -> uint. The prompt and tau are computed
+VAE encoder, UNet, VAE decoder, the input tile's mean colour (`keep_colour`), crop ->
+feathered blend -> uint. The prompt and tau are computed
 once per image; tiles go to the engines in batches (`tile_batch`, runtime/tiles.py) and blend
 through a band of rows, so memory beyond the input and output arrays does not grow with the
 image. Between the encoder, UNet and decoder the latents stay on the device (IO binding).
@@ -21,10 +22,12 @@ from .backends import Component, Tensor, open_engines
 from .config import (DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, JPEG_BLOCK, NEUTRAL_CHECK_PIXELS,
                      RestoreOptions, validate_options)
 from .geometry import Geometry, plan_geometry
+from .jpegqcs import JpegTables, check_tables, constrain, tables_of
 from .manifest import Manifest, read_manifest
 from .resize import resize_rows
-from .tiles import (SCALES, Band, Layout, Source, TileJob, batch_limits, in_batches, pad_batch,
-                    pad_bottom_right, plan_layout, plan_tile_batch, tile_jobs)
+from .tiles import (SCALES, Band, Layout, Source, TileJob, batch_limits, in_batches,
+                    keep_mean_colour, pad_batch, pad_bottom_right, plan_layout,
+                    plan_tile_batch, tile_jobs)
 from .tiling import crop_starts
 
 STAGES = ("saipe", "predictor", "vae_encoder", "unet", "vae_decoder")
@@ -42,12 +45,18 @@ class _Image:
     tau: float                    # the timestep, computed once
     layout: Layout                # its tiles
     info: dict                    # tau's source and the QFs, for restore_info
+    jpeg: JpegTables | None = None  # the input's JPEG tables, for the quantization constraint
     band: Band | None = None      # the blending band while its tiles are in flight
     done: int = 0                 # tiles blended so far
 
     def block(self, job: TileJob) -> np.ndarray:
         lay = self.layout
         return self.src.block(lay.ys[job.iy], lay.xs[job.ix], lay.th, lay.tw)
+
+    def keep_colour(self, job: TileJob, tile: np.ndarray, block: np.ndarray) -> None:
+        lay = self.layout
+        y, x = lay.ys[job.iy], lay.xs[job.ix]
+        keep_mean_colour(tile, block, min(lay.th, self.src.h - y), min(lay.tw, self.src.w - x))
 
     def blend(self, job: TileJob, tile: np.ndarray) -> None:
         if self.band is None:
@@ -155,18 +164,23 @@ class Restorer:
     def close(self) -> None:
         self.engines.close()
 
-    def restore(self, image, qf: int | None = None):
+    def restore(self, image, qf: int | None = None, jpeg: JpegTables | None = None):
         """The restored image: a numpy array of the input's shape and dtype, or a PIL image
         for a PIL image (its mode kept where the runtime writes it; palette images come back
-        RGB/RGBA). `qf`: the JPEG quality factor, for `timestep="header"` only."""
+        RGB/RGBA). `qf`: the JPEG quality factor, for `timestep="header"` only. `jpeg`: the
+        input's quantization tables (`JpegTables.ijg(qf)`, or `tables_of` an opened JPEG
+        file), to make the output consistent with them (runtime/jpegqcs.py); a PIL JPEG's
+        are read from it."""
         if qf is not None and self.options.timestep != "header":
             raise ValueError(f"qf={qf} is only used with timestep='header' (this Restorer "
                              f"predicts tau: timestep={self.options.timestep!r}); drop qf, or "
                              f"open the Restorer with timestep='header'")
         if _is_pil(image):
             from .imageio import from_pil, to_pil
-            return to_pil(self.restore_info(from_pil(image), qf)[0], image)
-        return self.restore_info(image, qf)[0]
+            if jpeg is None and image.mode in ("L", "RGB"):
+                jpeg = tables_of(image)
+            return to_pil(self.restore_info(from_pil(image), qf, jpeg=jpeg)[0], image)
+        return self.restore_info(image, qf, jpeg=jpeg)[0]
 
     def restore_file(self, src: str | Path, dst: str | Path, *, overwrite: bool = False,
                      quality: int = DEFAULT_QUALITY, max_pixels: int = DEFAULT_MAX_PIXELS
@@ -181,44 +195,58 @@ class Restorer:
                                                quality=quality, max_pixels=max_pixels))
 
     def restore_info(self, image: np.ndarray, qf: int | None = None,
-                     progress: Callable[[int, int], None] | None = None
-                     ) -> tuple[np.ndarray, dict]:
-        """`restore`, plus a dict: tau and where it came from, the predicted QF, tile layout
-        and milliseconds per stage. `progress(done, total)` is called after each tile."""
+                     progress: Callable[[int, int], None] | None = None,
+                     jpeg: JpegTables | None = None) -> tuple[np.ndarray, dict]:
+        """`restore`, plus a dict: tau and where it came from, the predicted QF, tile layout,
+        whether the JPEG constraint ran, and milliseconds per stage. `progress(done, total)` is
+        called after each tile."""
         ms, start = dict.fromkeys(STAGES, 0.0), time.perf_counter()
-        im = self._prepare(image, qf, ms)
+        im = self._prepare(image, qf, ms, jpeg)
         batches = self._restore_tiles([im], ms, progress)
+        self._constrain(im, image)
         ms["total"] = (time.perf_counter() - start) * 1000
         tiles = {**im.layout.info(), "batch": self.tile_batch, "batches": batches}
         info = {**im.info, "size": [im.src.w, im.src.h], "tiles": tiles,
                 "ms": {k: round(v, 2) for k, v in ms.items()}}
         return im.out, info
 
-    def restore_batch(self, images: list[np.ndarray], qfs: list[int | None] | None = None
-                      ) -> list[np.ndarray]:
+    def restore_batch(self, images: list[np.ndarray], qfs: list[int | None] | None = None,
+                      jpegs: list[JpegTables | None] | None = None) -> list[np.ndarray]:
         """Restore several images (each like `restore`'s); tiles of the same shape go to the
         engines together, across images, up to `tile_batch` a call. Each image keeps its own
-        prompt and tau. `qfs`: per image, for `timestep="header"`."""
+        prompt and tau. `qfs`: per image, for `timestep="header"`; `jpegs`: per image, its
+        JPEG tables (or None)."""
         if not isinstance(images, (list, tuple)):
             raise ValueError(f"restore_batch takes a list of arrays, got "
                              f"{type(images).__name__}")
         qfs = [None] * len(images) if qfs is None else list(qfs)
-        if len(qfs) != len(images):
-            raise ValueError(f"restore_batch: {len(qfs)} qfs for {len(images)} images")
+        jpegs = [None] * len(images) if jpegs is None else list(jpegs)
+        for name, given in (("qfs", qfs), ("jpegs", jpegs)):
+            if len(given) != len(images):
+                raise ValueError(f"restore_batch: {len(given)} {name} for {len(images)} images")
         ms = dict.fromkeys(STAGES, 0.0)
-        todo = [self._prepare(image, qf, ms) for image, qf in zip(images, qfs)]
+        todo = [self._prepare(image, qf, ms, jpeg)
+                for image, qf, jpeg in zip(images, qfs, jpegs)]
         groups: dict[tuple[int, int], list[_Image]] = {}
         for im in todo:  # the engines batch tensors of one shape
             groups.setdefault((im.layout.th, im.layout.tw), []).append(im)
         for group in groups.values():
             self._restore_tiles(group, ms, None)
+        for im, image in zip(todo, images):
+            self._constrain(im, image)
         return [im.out for im in todo]
 
     # -- stages -----------------------------------------------------------------------------
-    def _prepare(self, image: np.ndarray, qf: int | None, ms: dict) -> _Image:
+    def _prepare(self, image: np.ndarray, qf: int | None, ms: dict,
+                 jpeg: JpegTables | None = None) -> _Image:
         """Check the array, compute its prompt and tau, and make its output. An RGB image
         whose every pixel is grey goes the grey path (restored colour would be a tint)."""
         colour, alpha = _split_alpha(image)
+        if jpeg is not None:
+            if not isinstance(jpeg, JpegTables):
+                raise ValueError(f"jpeg={type(jpeg).__name__}: expected runtime.JpegTables "
+                                 f"(JpegTables.ijg(qf), or tables_of an opened JPEG) or None")
+            check_tables(jpeg, image)
         neutral = is_neutral(colour)
         src = Source(colour[..., 0] if neutral else colour)
         prompt = self._prompt(src, ms)
@@ -230,10 +258,16 @@ class Restorer:
             out[..., :3] if colour.ndim == 3 else out[..., 0])
         if neutral:
             dest = _Neutral(dest)
+        on = jpeg is not None and self.options.jpeg_constraint
         info = {"tau": tau, "tau_source": source, "qf_predicted": qf_pred, "qf_header": qf,
-                "neutral": neutral}
+                "neutral": neutral, "jpeg_constraint": on}
         return _Image(src, out, dest, prompt, tau, plan_layout(self.geometry, src.h, src.w),
-                      info)
+                      info, jpeg if on else None)
+
+    @staticmethod
+    def _constrain(im: _Image, image: np.ndarray) -> None:
+        if im.jpeg is not None:
+            constrain(im.out, image, im.jpeg)
 
     def _single(self, name: str, x: np.ndarray) -> dict[str, np.ndarray]:
         """One image through SAIPE or the predictor (padded to the engines' smallest batch)."""
@@ -287,9 +321,11 @@ class Restorer:
         conditioning, batches = _Conditioning(self.engines["unet"], self.manifest.predicted), 0
         for batch in in_batches(jobs, self.tile_batch):
             owners = [images[j.image] for j in batch]
-            tiles = self._batch([o.block(j) for o, j in zip(owners, batch)], owners,
-                                conditioning, ms)
-            for job, owner, tile in zip(batch, owners, tiles):
+            blocks = [o.block(j) for o, j in zip(owners, batch)]
+            tiles = self._batch(blocks, owners, conditioning, ms)
+            for job, owner, block, tile in zip(batch, owners, blocks, tiles):
+                if self.options.keep_colour:
+                    owner.keep_colour(job, tile, block)
                 owner.blend(job, tile)
                 if progress is not None:
                     progress(owner.done, owner.layout.count)

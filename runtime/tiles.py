@@ -61,6 +61,16 @@ class Source:
         return pad_bottom_right(chw, h - chw.shape[1], w - chw.shape[2])[None]
 
 
+def keep_mean_colour(tile: np.ndarray, block: np.ndarray, h: int, w: int) -> None:
+    """Shift a restored tile [3, th, tw], in place and per channel, so that its mean over its
+    top-left `h` x `w` (the part inside the image) is the input block's [1, 3, th, tw] there;
+    then clip to [-1, 1]. sodiff.model.keep_mean_colour, tile by tile: for an image of one
+    tile the same thing, and across tiles a cast that follows the JPEG's local colour."""
+    shift = block[0, :, :h, :w].mean(axis=(1, 2)) - tile[:, :h, :w].mean(axis=(1, 2))
+    tile += shift.astype(np.float32)[:, None, None]
+    np.clip(tile, -1.0, 1.0, out=tile)
+
+
 def to_uint(chw: np.ndarray, like: np.ndarray) -> np.ndarray:
     """[3, r, W] in [-1, 1] -> [r, W, 3] (or [r, W] luma for grey) of `like`'s dtype, rounded
     like the PyTorch reference: round((x + 1) * max / 2), clipped."""

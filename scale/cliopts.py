@@ -18,12 +18,14 @@ _OPTIONS = (
     click.option("--timestep", type=click.Choice(CHOICES_TIMESTEP), default="model",
                  show_default=True, help="As sodiff-run's."),
     click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files."),
+    click.option("--no-keep-colour", is_flag=True, help="As sodiff-run's."),
+    click.option("--no-jpeg-constraint", is_flag=True, help="As sodiff-run's."),
 )
 
 
 def restore_options(command):
     """Add the Restorer's options (backend, device, tile, overlap, tile batch, timestep,
-    no-verify) to a click command."""
+    no-verify, no-keep-colour, no-jpeg-constraint) to a click command."""
     for option in reversed(_OPTIONS):
         command = option(command)
     return command

@@ -92,7 +92,7 @@ class RestoreService:
                                           self.opts.max_pixels)
         except ImageError as e:
             raise RequestError(413 if isinstance(e, PixelLimitError) else 400, str(e)) from None
-        result = await self.restore_many((img.array, img.qf))
+        result = await self.restore_many((img.array, img.qf, img.jpeg))
         if isinstance(result, Exception):  # ValueError: this image; others: the engines
             status = 400 if isinstance(result, ValueError) else 500
             raise RequestError(status, f"request body: {str(result).splitlines()[0]}")
@@ -113,8 +113,8 @@ class RestoreService:
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
     async def restore_many(self, items: list[tuple]) -> list:
-        """(array, header QF) per request -> (restored, info, requests in this call), or the
-        exception that image alone raised."""
+        """(array, header QF, JPEG tables) per request -> (restored, info, requests in this
+        call), or the exception that image alone raised."""
         return await asyncio.to_thread(self._restore_group, items)
 
     def _restore_group(self, items: list[tuple]) -> list:
@@ -125,15 +125,15 @@ class RestoreService:
         if self.restorer.tile_batch > 1 and len(items) > 1:
             t = time.perf_counter()
             try:
-                outs = self.restorer.restore_batch([a for a, _ in items], [q for _, q in items])
+                outs = self.restorer.restore_batch(*map(list, zip(*items)))
             except (ValueError, RuntimeError):
                 outs = None  # one bad image fails the call: find it below, image by image
             if outs is not None:
                 ms = {"total": round((time.perf_counter() - t) * 1000, 2)}
                 return [(out, {"ms": ms}, len(items)) for out in outs]
-        for i, (array, qf) in enumerate(items):
+        for i, (array, qf, jpeg) in enumerate(items):
             try:
-                out, info = self.restorer.restore_info(array, qf)
+                out, info = self.restorer.restore_info(array, qf, jpeg=jpeg)
                 results[i] = (out, info, len(items))
             except (ValueError, RuntimeError) as e:
                 results[i] = e

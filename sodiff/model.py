@@ -117,16 +117,19 @@ class SODiff(nn.Module):
                             z_hq)
 
     @torch.no_grad()
-    def restore(self, lq: torch.Tensor, mode: str | float | None = None) -> torch.Tensor:
+    def restore(self, lq: torch.Tensor, mode: str | float | None = None,
+                keep_colour: bool = True) -> torch.Tensor:
         """Any-size inference: prompt and `tau` from the image as given, then reflect-pad
-        bottom/right to `pad_multiple` (the JPEG grid stays put), one step, crop back."""
+        bottom/right to `pad_multiple` (the JPEG grid stays put), one step, crop back.
+        `keep_colour`: shift each channel so its mean is the input's (`keep_mean_colour`)."""
         h, w = lq.shape[-2:]
         m, s = self.cfg.pad_multiple, self.cfg.scaling_factor
         prompt, _ = self.saipe(resize_for_saipe(lq, self.cfg.saipe.image_size))
         tau, _, _ = self.timestep(lq, mode)
         z_lq = base_mod.encode_mean(self.vae, pad_reflect(lq, -h % m, -w % m), s)
         out = base_mod.decode(self.vae, self.denoise(z_lq, tau, prompt), s)
-        return out.clamp(-1, 1)[..., :h, :w]
+        out = out.clamp(-1, 1)[..., :h, :w]
+        return keep_mean_colour(out, lq) if keep_colour else out
 
     def _check_input(self, lq: torch.Tensor) -> None:
         m = self.cfg.pad_multiple
@@ -136,6 +139,16 @@ class SODiff(nn.Module):
         if lq.shape[-2] % m or lq.shape[-1] % m:
             raise ValueError(f"image size {tuple(lq.shape[-2:])} is not a multiple of {m}; "
                              f"use SODiff.restore(), which pads and crops")
+
+
+def keep_mean_colour(out: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """`out` shifted, per image and channel, to the mean of `lq`, then clamped to [-1, 1].
+    A JPEG keeps each 8x8 block's mean to within half its DC step, so over a whole image (or
+    a runtime tile) the input's mean colour is the original's to a fraction of a grey level,
+    while a one-step UNet can add a cast of its training set's colours (issue 13: +0.3 grey
+    levels of green on LIVE1 at QF 10)."""
+    shift = lq.mean((-2, -1), keepdim=True) - out.mean((-2, -1), keepdim=True)
+    return (out + shift).clamp(-1, 1)
 
 
 def pad_reflect(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:

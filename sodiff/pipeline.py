@@ -28,7 +28,7 @@ from . import base as base_mod
 from . import bundled
 from .config import (BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, ModelConfig, PredictorConfig,
                      SAIPEConfig, _sub, parse_timestep_mode)
-from .model import pad_reflect, resize_for_saipe
+from .model import keep_mean_colour, pad_reflect, resize_for_saipe
 from .predictor import TimestepPredictor
 from .saipe import SAIPE
 from .schedule import alphas_cumprod, interp_alpha, x0_from_eps
@@ -119,15 +119,18 @@ class SODiffPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, image, timestep: float | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
+                 return_dict: bool = True, keep_colour: bool = True):
         """Restore one PIL image or a list of them (any size; converted to RGB). `timestep`:
         None for the checkpoint's mode (the predictor, unless it was fixed), or a number in
-        [0, num_train_timesteps - 1] to fix it. `output_type`: pil, np or pt."""
+        [0, num_train_timesteps - 1] to fix it. `output_type`: pil, np or pt. `keep_colour`:
+        the input's mean colour, as `SODiff.restore`."""
         images = _check_call(image, timestep, output_type, self.config.num_train_timesteps)
+        if not isinstance(keep_colour, bool):
+            raise ValueError(f"keep_colour={keep_colour!r} (expected True or False)")
         outs, taus, qfs = [], [], []
         for im in images:
             restored, tau, qf = self._restore(_to_tensor(im, self.device, self.unet.dtype),
-                                              timestep)
+                                              timestep, keep_colour)
             outs.append(_convert(restored, output_type))
             taus.append(float(tau))
             qfs.append(None if qf is None else float(qf))
@@ -136,9 +139,9 @@ class SODiffPipeline(DiffusionPipeline):
             return (outs,)
         return SODiffPipelineOutput(images=outs, timesteps=taus, qf=qf_out)
 
-    def _restore(self, lq: torch.Tensor, timestep: float | None):
+    def _restore(self, lq: torch.Tensor, timestep: float | None, keep_colour: bool):
         """SODiff.restore's steps: prompt and tau from the image as given, reflect-pad to
-        `pad_multiple`, one UNet step (Eq. 6), decode, crop back."""
+        `pad_multiple`, one UNet step (Eq. 6), decode, crop back, the input's mean colour."""
         h, w = lq.shape[-2:]
         m, s = self.pad_multiple, self.config.scaling_factor
         prompt, _ = self.saipe(resize_for_saipe(lq, self.saipe.net.cfg.image_size))
@@ -148,7 +151,9 @@ class SODiffPipeline(DiffusionPipeline):
                         ).sample
         z_hq = x0_from_eps(z_lq, eps, interp_alpha(self._alpha_table(lq.device), tau))
         out = base_mod.decode(self.vae, z_hq, s)
-        return out.clamp(-1, 1)[..., :h, :w], tau[0], None if qf is None else qf[0]
+        out = out.clamp(-1, 1)[..., :h, :w]
+        out = keep_mean_colour(out, lq) if keep_colour else out
+        return out, tau[0], None if qf is None else qf[0]
 
     def _timestep(self, lq: torch.Tensor, timestep: float | None):
         fixed = float(timestep) if timestep is not None else parse_timestep_mode(

@@ -324,7 +324,7 @@ def test_grey_protocol_round_trip_and_uint8_rounding():
 
 def test_identity_restorer_scores_like_the_jpeg():
     ref = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    rec, images = Q.evaluate_image(ref, 30, False, lambda x: Q.Restored(x.copy(), 31.0))
+    rec, images = Q.evaluate_image(ref, 30, False, lambda x, _: Q.Restored(x.copy(), 31.0))
     assert rec["restored"] == rec["jpeg"] and rec["header_qf"] == 30
     assert rec["predicted_qf"] == 31.0 and set(images) == {"jpeg", "restored", "reference"}
 

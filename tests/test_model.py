@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sodiff.config import PRESETS, TINY
-from sodiff.model import SODiff, pad_reflect
+from sodiff.model import SODiff, keep_mean_colour, pad_reflect
 
 
 def lq(b=1, h=64, w=64, seed=0):
@@ -80,7 +80,31 @@ def test_restore_any_size_pads_and_crops(tiny_model):
     # restore() on an aligned image is forward() with the prompt taken from the same image.
     y = lq(1, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(tiny_model.restore(y), tiny_model(y).restored, atol=1e-6)
+        plain = tiny_model(y).restored
+        assert torch.allclose(tiny_model.restore(y, keep_colour=False), plain, atol=1e-6)
+        assert torch.allclose(tiny_model.restore(y), keep_mean_colour(plain, y), atol=1e-6)
+
+
+def test_restore_keeps_the_inputs_mean_colour(tiny_model):
+    # The random tiny model's output has a cast of its own; restore() removes it by default.
+    x = lq(2, 48, 40) * 0.5
+    cast = (tiny_model.restore(x, keep_colour=False).mean((-2, -1)) - x.mean((-2, -1))).abs()
+    assert cast.max() > 1e-2
+    kept = tiny_model.restore(x).mean((-2, -1))
+    assert torch.allclose(kept, x.mean((-2, -1)), atol=1e-5)
+
+
+def test_keep_mean_colour_shifts_each_channel_and_clamps():
+    lq_ = torch.zeros(1, 3, 4, 4)
+    out = torch.stack([torch.full((4, 4), v) for v in (0.2, -0.1, 0.0)])[None]
+    out[0, 2, 0, 0] = 0.9  # channel 2's mean is 0.9 / 16
+    kept = keep_mean_colour(out, lq_)
+    assert torch.allclose(kept[0, :2], torch.zeros(2, 4, 4), atol=1e-7)
+    assert torch.allclose(kept[0, 2].mean(), torch.tensor(0.0), atol=1e-7)
+    assert torch.allclose(kept[0, 2, 0, 0], torch.tensor(0.9 - 0.9 / 16))
+    bright = keep_mean_colour(torch.tensor([1.0, 0.0]).expand(1, 3, 1, 2),
+                              torch.full((1, 3, 1, 2), 0.8))
+    assert torch.allclose(bright, torch.tensor([1.0, 0.3]).expand(1, 3, 1, 2))  # 1.3 clamped
 
 
 def test_unaligned_forward_is_refused(tiny_model):

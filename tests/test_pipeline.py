@@ -24,10 +24,10 @@ def _jpeg(h: int, w: int, seed: int) -> np.ndarray:
     return compress(np.asarray(coarse.resize((w, h), Image.BICUBIC)), 10)[0]
 
 
-def _reference(model, image: np.ndarray, mode=None) -> np.ndarray:
+def _reference(model, image: np.ndarray, mode=None, keep_colour=True) -> np.ndarray:
     """SODiff.restore on a uint8 image, back to uint8 as training's to_uint8 rounds."""
     x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
-    out = model.restore(x, mode)[0].clamp(-1, 1).add(1).mul(127.5).round()
+    out = model.restore(x, mode, keep_colour)[0].clamp(-1, 1).add(1).mul(127.5).round()
     return out.to(torch.uint8).permute(1, 2, 0).numpy()
 
 
@@ -85,6 +85,9 @@ def test_round_trip_restores_as_sodiff(saved, images):
     single = loaded(pils[0], timestep=300)  # a fixed timestep, one image
     assert single.timesteps == [300.0] and single.qf is None
     assert _max_diff(single.images[0], _reference(ref, images[0], 300.0)) <= 1
+    plain = loaded(pils[0], keep_colour=False).images[0]
+    assert _max_diff(plain, _reference(ref, images[0], keep_colour=False)) <= 1
+    assert _max_diff(plain, _reference(ref, images[0])) > 0  # the colour step did something
 
 
 def test_lora_checkpoint_is_merged_into_a_plain_unet(tmp_path, tiny_model, images):
@@ -118,6 +121,7 @@ def test_output_types_agree(saved, images):
     ({"timestep": -1}, "timestep=-1"),
     ({"timestep": "fixed:5"}, "timestep='fixed:5'"),
     ({"output_type": "latent"}, "output_type='latent'"),
+    ({"keep_colour": "yes"}, "keep_colour='yes'"),
 ])
 def test_bad_arguments_are_named(saved, kwargs, named):
     pipe, _ = saved

@@ -205,6 +205,8 @@ def test_restore_batch_refuses_mismatched_arguments(dirs):
     with Restorer(dirs["b4"]) as r:
         with pytest.raises(ValueError, match="2 qfs for 1 images"):
             r.restore_batch([rand((8, 8, 3))], [10, 20])
+        with pytest.raises(ValueError, match="0 jpegs for 1 images"):
+            r.restore_batch([rand((8, 8, 3))], jpegs=[])
         with pytest.raises(ValueError, match="list of arrays"):
             r.restore_batch(rand((8, 8, 3)))
 

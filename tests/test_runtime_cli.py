@@ -278,6 +278,19 @@ def test_report_and_header_timestep(engine, tmp_path):
     assert res.exit_code == 1
 
 
+@pytest.mark.parametrize("flags,constrained", [([], True), (["--no-jpeg-constraint"], False),
+                                               (["--no-keep-colour"], True)])
+def test_jpeg_inputs_are_constrained_unless_asked_not_to(engine, tmp_path, flags, constrained):
+    Image.fromarray(rgb(16, 24)).save(tmp_path / "a.jpg", quality=30)
+    Image.fromarray(rgb(16, 24)).save(tmp_path / "b.png")
+    res = CliRunner().invoke(main, ["--engine", str(engine), str(tmp_path / "a.jpg"),
+                                    str(tmp_path / "b.png"), "--report", "-o",
+                                    str(tmp_path / "o"), *flags])
+    a, b = [json.loads(l) for l in res.output.splitlines() if l.startswith("{")]
+    assert res.exit_code == 0 and a["jpeg_constraint"] is constrained
+    assert b["jpeg_constraint"] is False  # a PNG has no tables to be consistent with
+
+
 def test_a_failed_write_leaves_nothing_behind(engine, tmp_path, monkeypatch):
     Image.fromarray(rgb(8, 8)).save(tmp_path / "a.png")
 

@@ -60,9 +60,44 @@ class _BlackDecoder:
         pass
 
 
+class _CastDecoder:
+    """The identity decoder plus a colour cast that grows to the right, as a UNet's might."""
+
+    fetch = staticmethod(Component.fetch)
+
+    def run(self, **feeds):
+        z = feeds["clean_latent"].to_host().astype(np.float32)
+        ramp = np.linspace(0.0, 0.1, z.shape[-1], dtype=np.float32)
+        return {"image": host_tensor(z + np.array([0.2, -0.1, 0.05], np.float32)[:, None, None]
+                                     + ramp)}
+
+    def close(self):
+        pass
+
+
+def _cast_restore(dirs, image, **opts):
+    with Restorer(dirs["dyn"], **opts) as r:
+        r.engines["vae_decoder"].close()
+        r.engines.components["vae_decoder"] = _CastDecoder()
+        return r.restore(image)
+
+
+@pytest.mark.parametrize("tile,overlap", [(None, None), (32, 8)])
+def test_each_tile_keeps_the_inputs_mean_colour(dirs, tile, overlap):
+    image = rand((50, 70, 3), seed=5) // 2 + 64  # no clipping near the ends of the range
+    kept = _cast_restore(dirs, image, tile=tile, overlap=overlap).astype(float)
+    cast = _cast_restore(dirs, image, tile=tile, overlap=overlap,
+                         keep_colour=False).astype(float)
+    means = lambda a: a.mean(axis=(0, 1))  # noqa: E731
+    assert np.abs(means(cast) - means(image)).max() > 8  # the cast is there without it
+    assert np.abs(means(kept) - means(image)).max() < 0.6  # and gone with it
+    # Only the means move: the ramp inside each tile (its detail) stays.
+    assert np.abs((kept - kept.mean((0, 1))) - (cast - cast.mean((0, 1)))).mean() < 3
+
+
 def test_alpha_is_passed_through_even_when_colour_changes(dirs):
     image = rand((20, 30, 4))
-    with Restorer(dirs["dyn"]) as r:
+    with Restorer(dirs["dyn"], keep_colour=False) as r:
         r.engines["vae_decoder"].close()
         r.engines.components["vae_decoder"] = _BlackDecoder()
         out = r.restore(image)

@@ -118,7 +118,8 @@ def test_jpeg_estimate_is_none_for_custom_tables_and_pngs():
 
 @pytest.mark.parametrize("field,value", [("backend", "cuda"), ("device", "gpu"),
                                          ("timestep", "fixed"), ("tile", 0), ("tile", 12.5),
-                                         ("overlap", -1), ("threads", -2)])
+                                         ("overlap", -1), ("threads", -2),
+                                         ("keep_colour", "yes")])
 def test_bad_options_are_named(field, value):
     with pytest.raises(ValueError, match=f"{field}="):
         validate_options(RestoreOptions(**{field: value}))

@@ -159,7 +159,7 @@ def test_a_serve_batch_call_restores_each_image_as_restore_does(tmp_path, tile_b
               for shape in ((40, 56, 3), (40, 56, 3), (33, 20, 3), (40, 56))]
     opts = RestoreOptions(threads=1, tile_batch=tile_batch)
     service = RestoreService(str(eng), opts, ServeOptions())
-    results = service._restore_group([(a, None) for a in images])
+    results = service._restore_group([(a, None, None) for a in images])
     with Restorer(eng, opts) as r:
         for image, (out, info, batch) in zip(images, results):
             assert batch == len(images) and np.array_equal(out, r.restore(image))
