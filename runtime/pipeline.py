@@ -3,10 +3,11 @@
 decode -> [-1, 1] -> SAIPE prompt (image resized to saipe_size) -> tau (predictor on native
 pixels, the manifest's fixed value, or the JPEG header's QF) -> per tile: pad bottom/right,
 VAE encoder, UNet, VAE decoder, the input tile's mean colour (`keep_colour`), crop ->
-feathered blend -> uint. The prompt and tau are computed
-once per image; tiles go to the engines in batches (`tile_batch`, runtime/tiles.py) and blend
-through a band of rows, so memory beyond the input and output arrays does not grow with the
-image. Between the encoder, UNet and decoder the latents stay on the device (IO binding).
+feathered blend -> uint -> the JPEG quantization constraint where the input's tables are known
+(runtime/jpegqcs.py). The prompt and tau are computed once per image; tiles go to the
+engines in batches (`tile_batch`, runtime/tiles.py) and blend through a band of rows, so memory
+beyond the input and output arrays does not grow with the image. Between the encoder, UNet
+and decoder the latents stay on the device (IO binding).
 """
 from __future__ import annotations
 
