@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import BLOCK_TORCH, shared_data
 from fixtures.runtime_engines import tiny_engine
 from runtime import Restorer
+from runtime.jpegqcs import tables_of
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -111,9 +112,10 @@ def test_cli_restores_with_torch_unimportable_like_the_api(tiny, tmp_path):
     image = lq_crop(*CROPS[0])
     Image.fromarray(image).save(tmp_path / "a.jpg", quality=95)
     with Image.open(tmp_path / "a.jpg") as im:
-        decoded = np.asarray(im.convert("RGB"))
-    with Restorer(tiny[0]) as r:
-        expected = r.restore(decoded)
+        decoded, tables = np.asarray(im.convert("RGB")), tables_of(im)
+    with Restorer(tiny[0]) as r:  # the CLI reads the file's tables: the JPEG constraint
+        expected = r.restore(decoded, jpeg=tables)
+        assert not np.array_equal(expected, r.restore(decoded))
     code = BLOCK_TORCH + f"""
 import sys
 from runtime.cli import main
