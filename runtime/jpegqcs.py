@@ -70,6 +70,10 @@ def tables_of(im: Image.Image) -> JpegTables | None:
         return None
     if len(layer) != (1 if im.mode == "L" else 3):
         return None
+    # An Adobe JPEG with transform 0, or components named R, G, B, stores RGB, not YCbCr.
+    if im.mode == "RGB" and (im.info.get("adobe_transform", 1) == 0
+                             or [c[0] for c in layer] == [ord("R"), ord("G"), ord("B")]):
+        return None
     try:
         tables = tuple(_natural(quant[c[3]]) for c in layer)
         hmax, vmax = max(c[1] for c in layer), max(c[2] for c in layer)

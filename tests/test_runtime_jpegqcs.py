@@ -35,10 +35,15 @@ def test_tables_of_a_pillow_jpeg_are_the_ijg_tables(photo, subsampling, factor):
     assert grey == JpegTables.ijg(20, grey=True) and grey.grey
 
 
-def test_tables_of_non_jpegs_are_none(photo):
+def test_tables_of_non_jpegs_and_rgb_coded_jpegs_are_none(photo):
     buf = io.BytesIO()
     Image.fromarray(photo).save(buf, "PNG")
     with Image.open(buf) as im:
+        assert tables_of(im) is None
+    _, _, data = _jpeg(photo, 50)
+    with Image.open(io.BytesIO(data)) as im:
+        assert tables_of(im) is not None
+        im.info["adobe_transform"] = 0  # an Adobe JPEG that stores RGB planes
         assert tables_of(im) is None
 
 
