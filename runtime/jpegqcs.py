@@ -64,7 +64,8 @@ class JpegTables:
 
 def tables_of(im: Image.Image) -> JpegTables | None:
     """The tables of an opened JPEG file (before any conversion), or None where the constraint
-    cannot apply: not a baseline L/RGB JPEG, or a table or sampling this module does not read."""
+    cannot apply: not an L or YCbCr-coded RGB JPEG, or a table or sampling this module does not
+    read."""
     quant, layer = getattr(im, "quantization", None), getattr(im, "layer", None)
     if im.format != "JPEG" or im.mode not in ("L", "RGB") or not quant or not layer:
         return None
