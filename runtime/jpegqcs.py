@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .jpegqf import IJG_CHROMA, IJG_LUMA, _natural, scale_table
+from .jpegqf import _natural, _tables
 
 _N = np.arange(8)
 # The orthonormal 8-point DCT-II matrix: coefficients = D @ block @ D.T.
@@ -49,7 +49,7 @@ class JpegTables:
         if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) \
                 or not 1 <= quality <= 100:
             raise ValueError(f"quality={quality!r} (expected an integer in 1..100)")
-        luma, chroma = scale_table(IJG_LUMA, int(quality)), scale_table(IJG_CHROMA, int(quality))
+        luma, chroma = _tables()[int(quality)]
         if grey:
             return cls((luma,), ((1, 1),))
         f = {"4:2:0": (2, 2), "4:2:2": (1, 2), "4:4:4": (1, 1)}.get(subsampling)

@@ -178,7 +178,7 @@ class Restorer:
                              f"open the Restorer with timestep='header'")
         if _is_pil(image):
             from .imageio import from_pil, to_pil
-            if jpeg is None and image.mode in ("L", "RGB"):
+            if jpeg is None:
                 jpeg = tables_of(image)
             return to_pil(self.restore_info(from_pil(image), qf, jpeg=jpeg)[0], image)
         return self.restore_info(image, qf, jpeg=jpeg)[0]

@@ -124,9 +124,8 @@ class SODiffPipeline(DiffusionPipeline):
         None for the checkpoint's mode (the predictor, unless it was fixed), or a number in
         [0, num_train_timesteps - 1] to fix it. `output_type`: pil, np or pt. `keep_colour`:
         the input's mean colour, as `SODiff.restore`."""
-        images = _check_call(image, timestep, output_type, self.config.num_train_timesteps)
-        if not isinstance(keep_colour, bool):
-            raise ValueError(f"keep_colour={keep_colour!r} (expected True or False)")
+        images = _check_call(image, timestep, output_type, self.config.num_train_timesteps,
+                             keep_colour)
         outs, taus, qfs = [], [], []
         for im in images:
             restored, tau, qf = self._restore(_to_tensor(im, self.device, self.unet.dtype),
@@ -171,7 +170,8 @@ class SODiffPipeline(DiffusionPipeline):
         return self._alphas
 
 
-def _check_call(image, timestep, output_type: str, steps: int) -> list[Image.Image]:
+def _check_call(image, timestep, output_type: str, steps: int,
+                keep_colour: bool = True) -> list[Image.Image]:
     """The inputs as a list of PIL images; ValueError naming each bad argument."""
     images = [image] if isinstance(image, Image.Image) else image
     problems = []
@@ -185,6 +185,8 @@ def _check_call(image, timestep, output_type: str, steps: int) -> list[Image.Ima
                         f"number in [0, {steps - 1}]")
     if output_type not in OUTPUT_TYPES:
         problems.append(f"output_type={output_type!r} must be one of {', '.join(OUTPUT_TYPES)}")
+    if not isinstance(keep_colour, bool):
+        problems.append(f"keep_colour={keep_colour!r} must be True or False")
     if problems:
         raise ValueError("SODiffPipeline: " + "; ".join(problems))
     return list(images)
