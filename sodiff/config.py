@@ -94,6 +94,8 @@ PREDICTOR_FRONTS = ("conv", "dct")
 # timestep logits are 1/10 of the head's output, so an Adam step of size lr moves them 10x less.
 QF_SCALE = 45.0
 LOGIT_SCALE = 0.1
+POOL_SCALE = 10.0       # SAIPE pooling's initial cosine logit scale (Swin V2's attention init)
+POOL_SCALE_MAX = 100.0  # ... and its clamp: logits within +-100 keep the softmax finite
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,9 @@ class SAIPEConfig:
     num_queries: int = 77         # learnable pooling queries = prompt tokens (CLIP's 77)
     pool_heads: int = 8           # attention-pooling heads
     prompt_dim: int = 1024        # prompt width = the UNet's cross_attention_dim
+    # None rebuilds checkpoints saved before this field: scaled dot-product pooling, whose
+    # logits stayed ~0.07 wide, so every query averaged all positions alike (one token x 77).
+    pool_scale: float | None = None  # cosine-attention pooling, learnable logit scale starts here
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,10 @@ def validate_config(cfg: ModelConfig) -> None:
                              ("align_dim", s.align_dim, s.pool_heads)):
         if dim % heads:
             problems.append(f"saipe.{name}={dim} is not divisible by {heads} heads")
+    if s.pool_scale is not None and not (isinstance(s.pool_scale, (int, float))
+                                         and 1 <= s.pool_scale <= POOL_SCALE_MAX):
+        problems.append(f"saipe.pool_scale={s.pool_scale!r} must be None or a number in "
+                        f"[1, {POOL_SCALE_MAX}]")
     if any(k % 2 == 0 for k in s.conv_kernels):
         problems.append(f"saipe.conv_kernels={s.conv_kernels} must all be odd")
     if s.prompt_dim != cfg.unet.get("cross_attention_dim"):

@@ -11,12 +11,13 @@ graph); reshapes keep the batch as -1.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
-from .config import SAIPEConfig
+from .config import POOL_SCALE_MAX, SAIPEConfig
 from .swin import RSTB, image_to_tokens, tokens_to_image
 
 FAVOR_SEED = 20250  # base seed of the FAVOR+ projections; layer i uses FAVOR_SEED + i
@@ -97,9 +98,15 @@ class PerformerLayer(nn.Module):
 
 
 class AttentionPool(nn.Module):
-    """Multi-head attention from `num_queries` learnable queries to a token sequence."""
+    """Multi-head attention from `num_queries` learnable queries to a token sequence.
 
-    def __init__(self, dim: int, heads: int, num_queries: int, tokens: int):
+    `cosine_scale` None: scaled dot-product logits (checkpoints before SAIPEConfig.pool_scale).
+    A number: cosine logits (unit q and k per head) times a learnable per-head scale that starts
+    there, so the attention can be selective from the first step whatever the weights' norms.
+    """
+
+    def __init__(self, dim: int, heads: int, num_queries: int, tokens: int,
+                 cosine_scale: float | None = None):
         super().__init__()
         self.heads, self.tokens = heads, tokens
         # Unit scale: at 0.02 the q projection's bias outweighed the queries, so every query
@@ -108,6 +115,20 @@ class AttentionPool(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.log_scale = None
+        if cosine_scale is not None:
+            self.make_cosine(cosine_scale)
+
+    def make_cosine(self, scale: float) -> None:
+        """Switch to cosine logits with a learnable per-head scale starting at `scale`."""
+        self.log_scale = nn.Parameter(torch.full((self.heads, 1, 1), math.log(scale)))
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        if self.log_scale is None:
+            return (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        scale = self.log_scale.clamp(max=math.log(POOL_SCALE_MAX)).exp()
+        q, k = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
+        return (scale * q) @ k.transpose(-2, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nq, c = self.queries.shape
@@ -116,7 +137,7 @@ class AttentionPool(nn.Module):
         # in the matmul, so no batch-sized expand is needed.
         q = self.q(self.queries).reshape(1, nq, self.heads, dh).transpose(1, 2)
         kv = self.kv(x).reshape(-1, self.tokens, 2, self.heads, dh).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax((q * dh ** -0.5) @ kv[0].transpose(-2, -1), dim=-1)
+        attn = torch.softmax(self.logits(q, kv[0]), dim=-1)
         out = (attn @ kv[1]).transpose(1, 2).reshape(-1, nq, c)
         return self.proj(out)
 
@@ -140,7 +161,8 @@ class TAlign(nn.Module):
         self.multiscale = nn.ModuleList([nn.Conv2d(dim, dim, k, 1, k // 2, groups=dim)
                                          for k in cfg.conv_kernels])
         self.pointwise = nn.Conv2d(dim, dim, 1)
-        self.pool = AttentionPool(dim, cfg.pool_heads, cfg.num_queries, tokens)
+        self.pool = AttentionPool(dim, cfg.pool_heads, cfg.num_queries, tokens,
+                                  cfg.pool_scale)
         self.out_norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, cfg.prompt_dim)
 
@@ -232,6 +254,14 @@ class SAIPE(nn.Module):
         self._check(image)
         f_mid = self.e_down(image)
         return self.t_align(f_mid), image + self.d_up(f_mid)
+
+    def use_cosine_pool(self, scale: float) -> None:
+        """Give T_align's pooling cosine logits (SAIPEConfig.pool_scale), keeping its weights."""
+        if self.cfg.pool_scale is not None:
+            raise ValueError(f"SAIPE's pooling is already cosine (pool_scale="
+                             f"{self.cfg.pool_scale})")
+        self.t_align.pool.make_cosine(scale)
+        self.cfg = dataclasses.replace(self.cfg, pool_scale=float(scale))
 
     def prompt(self, image: torch.Tensor) -> torch.Tensor:
         """The prompt alone (stage 2 and inference): skips D_up."""

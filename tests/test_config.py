@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -42,6 +43,8 @@ def test_unknown_preset_lists_known_ones():
     (dict(timestep_mode="sometimes"), "sometimes"),
     (dict(predictor=TINY.predictor.__class__(t_init=600.0)), "t_init=600.0"),
     (dict(predictor=TINY.predictor.__class__(t_init=0.0)), "t_init=0.0"),
+    (dict(saipe=dataclasses.replace(TINY.saipe, pool_scale=0.5)), r"pool_scale=0.5 must"),
+    (dict(saipe=dataclasses.replace(TINY.saipe, pool_scale="10")), r"pool_scale='10' must"),
 ])
 def test_invalid_configs_name_the_offending_value(change, needle):
     with pytest.raises(ValueError, match=needle):

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from sodiff.config import PRESETS, TINY
-from sodiff.saipe import SAIPE, favor_attention, orthogonal_features
+from sodiff.saipe import SAIPE, AttentionPool, favor_attention, orthogonal_features
 from sodiff.swin import SwinLayer, window_partition, window_reverse
 
 CFG = TINY.saipe
 # The tiny preset's RSTBs have one layer each, so none is shifted: this variant also covers the
 # shifted-window path (roll + mask) in the export test.
 SHIFTED = dataclasses.replace(CFG, rstb_depths=(2,), up_depth=2)
+COSINE = dataclasses.replace(CFG, pool_scale=10.0)
 OPS_DOC = Path("/work/shared/reference/tensorrt-onnx-ops.md")
 
 
@@ -141,7 +142,7 @@ def trt_accepted_ops() -> set[str]:
     return set(accepted.split()) | {"LayerNormalization"}  # opset 17, TensorRT 8.6+
 
 
-@pytest.mark.parametrize("cfg", [CFG, SHIFTED], ids=["tiny", "tiny-shifted"])
+@pytest.mark.parametrize("cfg", [CFG, SHIFTED, COSINE], ids=["tiny", "tiny-shifted", "tiny-cosine"])
 def test_onnx_export_matches_and_uses_trt_ops(cfg, tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -172,3 +173,47 @@ def test_fresh_prompt_tokens_are_distinct():
         prompt, _ = make()(images(1))
     p = prompt[0]
     assert float((p - p.mean(0)).norm() / p.norm()) > 0.005  # 2e-4 with the old queries
+
+
+def token_spread(prompt: torch.Tensor) -> float:
+    p = prompt[0]
+    return float((p - p.mean(0)).norm() / p.norm())
+
+
+def test_cosine_pool_logits_stay_within_the_scale_and_it_learns():
+    pool = AttentionPool(16, 2, 5, 9, cosine_scale=10.0)
+    q, k = 1e3 * torch.randn(1, 2, 5, 8), 1e3 * torch.randn(3, 2, 9, 8)
+    logits = pool.logits(q, k)
+    assert logits.abs().max() <= 10.0 + 1e-4
+    assert logits.abs().max() > 3.0  # not squashed either: cosines of random 8-d vectors
+    pool(torch.randn(3, 9, 16)).pow(2).mean().backward()
+    assert pool.log_scale.grad is not None and pool.log_scale.grad.abs().sum() > 0
+
+
+def test_cosine_pool_keeps_the_weights_and_spreads_the_tokens():
+    # The bundled model's dot-product pooling had logits ~0.07 wide: near-uniform attention,
+    # 77 near-identical tokens (0.7% apart). The same weights with cosine logits attend
+    # selectively, so the tokens differ (weights/tiny: 4.5-8.7% at scale 10).
+    model, x = make(), images(1)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with torch.no_grad():
+        dot = model.prompt(x)
+        model.use_cosine_pool(10.0)
+        cos = model.prompt(x)
+    after = model.state_dict()
+    assert set(after) - set(before) == {"t_align.pool.log_scale"}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert model.cfg.pool_scale == 10.0
+    assert token_spread(cos) > 2 * token_spread(dot), (token_spread(cos), token_spread(dot))
+    with pytest.raises(ValueError, match="already cosine"):
+        model.use_cosine_pool(10.0)
+
+
+def test_cosine_pool_config_rebuilds_the_same_module():
+    converted = make()
+    converted.use_cosine_pool(10.0)
+    rebuilt = SAIPE(COSINE).eval()
+    rebuilt.load_state_dict(converted.state_dict())  # strict: same parameters
+    x = images(1)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.prompt(x), converted.prompt(x))

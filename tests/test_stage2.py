@@ -210,6 +210,9 @@ def test_perceptual_weights_are_required_or_explicitly_off(tmp_path, init, image
     (dict(batch_size=0, keep_last=0), "batch_size=0 must be >= 1; keep_last=0"),
     (dict(mixed_precision="fp8"), "mixed_precision='fp8'"),
     (dict(view_crop=8), "view_crop=8 must be >= crop=16"),
+    (dict(pool_scale=0.5), r"pool_scale=0.5 must be in \[1, 100.0\]"),
+    (dict(align_lr_scale=0.0), "align_lr_scale=0.0 must be > 0"),
+    (dict(pool_scale=10.0, train_align="off"), "pool_scale needs T_align to train"),
 ])
 def test_invalid_options_are_named(tmp_path, init, images, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -355,3 +358,48 @@ def test_view_crop_gives_prompt_and_timestep_the_whole_view(tmp_path, images, lo
     assert len(logged) == cfg.max_steps
     with pytest.raises(ValueError, match="view_crop=36 must be a multiple of 8"):
         stage2.prepare_model(config(tmp_path, cfg.init, folder, view_crop=36))
+
+
+def test_pool_scale_makes_the_pooling_cosine_and_trains_its_scale(tmp_path, images):
+    # The bundled model's dot-product pooling attended uniformly (its 77 tokens 0.7% apart);
+    # --pool-scale converts it, the logit scale learns with T_align, and the final checkpoint
+    # rebuilds the converted model from its own config.
+    init = unaligned_init(tmp_path)
+    cfg = config(tmp_path, init, images, pool_scale=10.0)
+    model = stage2.prepare_model(cfg)
+    assert model.cfg.saipe.pool_scale == 10.0 and model.saipe.cfg.pool_scale == 10.0
+    assert model.saipe.t_align.pool.log_scale.requires_grad
+    assert any(p is model.saipe.t_align.pool.log_scale
+               for g in stage2.generator_groups(model, cfg) for p in g["params"])
+    slow = config(tmp_path, init, images, pool_scale=10.0, align_lr_scale=0.1)
+    groups = {g["name"]: g for g in stage2.generator_groups(stage2.prepare_model(slow), slow)}
+    assert groups["t_align"]["lr"] == pytest.approx(0.1 * slow.lr)
+    assert groups["t_align"]["lr_scale"] == 0.1 and groups["unet"]["lr"] == slow.lr
+    final = stage2.train(cfg)
+    again = checkpoint.load(final)
+    assert again.cfg.saipe.pool_scale == 10.0
+    x = torch.rand(1, 3, TINY.saipe.image_size, TINY.saipe.image_size) * 2 - 1
+    with torch.no_grad():
+        assert not torch.equal(again.saipe.prompt(x), checkpoint.load(init).saipe.prompt(x))
+    with pytest.raises(ValueError, match="already cosine.*drop --pool-scale"):
+        stage2.prepare_model(config(tmp_path, final, images, pool_scale=10.0,
+                                    train_align="on"))
+    aligned = checkpoint.save(checkpoint.load(init), tmp_path / "aligned",
+                              extra={"training": {"stage": 1, "align": True}})
+    with pytest.raises(ValueError, match="--train-align auto does not train it"):
+        stage2.prepare_model(config(tmp_path, aligned, images, pool_scale=10.0))
+
+
+def test_freeze_cross_attention_keeps_the_prompt_readers_as_they_were(tmp_path, init, images):
+    # A short continuation of the bundled model unlearnt much of the prompt's use (swap change
+    # 0.105 -> 0.073 grey levels): --freeze-cross-attention leaves attn2 bit-identical.
+    cfg = config(tmp_path, init, images, freeze_cross_attention=True)
+    model = stage2.prepare_model(cfg)
+    grads = {n: p.requires_grad for n, p in model.unet.named_parameters()}
+    assert any(".attn2." in n for n in grads)
+    assert not any(g for n, g in grads.items() if ".attn2." in n)
+    assert any(g for n, g in grads.items() if ".attn2." not in n)
+    before = {n: p.clone() for n, p in checkpoint.load(init).unet.named_parameters()}
+    after = checkpoint.load(stage2.train(cfg)).unet.named_parameters()
+    moved = {n for n, p in after if not torch.equal(p, before[n])}
+    assert moved and not any(".attn2." in n for n in moved)

@@ -29,7 +29,7 @@ from torch import nn
 from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from sodiff import checkpoint
 from sodiff.base import encode_mean
-from sodiff.config import parse_timestep_mode
+from sodiff.config import POOL_SCALE_MAX, parse_timestep_mode
 from sodiff.model import SODiff
 
 from . import common
@@ -40,6 +40,7 @@ from .losses import Stage2Weights, stage2_discriminator_loss, stage2_generator_l
 from .monitor import TimestepMonitor
 
 ALIGN_CHOICES = ("auto", "on", "off")
+CROSS_ATTENTION = ".attn2."  # diffusers' name of a transformer block's prompt attention
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +86,17 @@ class Stage2Config(TrainConfig):
                                 "timestep are computed from; the UNet trains on a --crop "
                                 "patch of it, cut on the JPEG grid [default: --crop, no "
                                 "separate view]")
+    pool_scale: float | None = opt(None, help="switch --init's T_align pooling to cosine "
+                                   "attention whose learnable logit scale starts here (e.g. "
+                                   "10); needs T_align to train. Its dot-product logits stay "
+                                   "near 0, so all 77 prompt tokens come out alike")
+    freeze_cross_attention: bool = opt(False, help="keep the UNet's cross-attention layers "
+                                       "(attn2, the ones that read the prompt) as --init has "
+                                       "them: a short continuation otherwise unlearns the "
+                                       "prompt's use, which a tiny model barely needs")
+    align_lr_scale: float = opt(1.0, help="T_align's learning rate relative to --lr, when it "
+                                "trains: < 1 keeps a prompt stage 2 already trained nearly as "
+                                "it is while the UNet continues")
     predictor_lr_scale: float = opt(1.0, help="the predictor trunk's and QF head's learning "
                                     "rate relative to --lr; 0 freezes them (keeps a stage-1.5 "
                                     "predictor as it is: small training crops would otherwise "
@@ -113,8 +125,15 @@ def validate_train_config(cfg: Stage2Config) -> None:
         p.append(f"train_align={cfg.train_align!r} must be one of {ALIGN_CHOICES}")
     if not cfg.timestep_lr_scale > 0:
         p.append(f"timestep_lr_scale={cfg.timestep_lr_scale} must be > 0")
+    if not cfg.align_lr_scale > 0:
+        p.append(f"align_lr_scale={cfg.align_lr_scale} must be > 0 (--train-align off freezes "
+                 f"T_align)")
     if not cfg.predictor_lr_scale >= 0:
         p.append(f"predictor_lr_scale={cfg.predictor_lr_scale} must be >= 0")
+    if cfg.pool_scale is not None and not 1 <= cfg.pool_scale <= POOL_SCALE_MAX:
+        p.append(f"pool_scale={cfg.pool_scale} must be in [1, {POOL_SCALE_MAX}]")
+    if cfg.pool_scale is not None and cfg.train_align == "off":
+        p.append("pool_scale needs T_align to train: drop --train-align off")
     if cfg.view_crop is not None and cfg.crop is not None and cfg.view_crop < cfg.crop:
         p.append(f"view_crop={cfg.view_crop} must be >= crop={cfg.crop} (the UNet's patch is "
                  f"cut from the view)")
@@ -214,6 +233,15 @@ def prepare_model(cfg: Stage2Config) -> SODiff:
         model.cfg = model.cfg.replace(predictor=model.predictor.cfg)
     if cfg.tau_prior:
         apply_tau_prior(model, cfg.tau_prior)
+    if cfg.pool_scale is not None:
+        if not aligns(cfg):
+            raise ValueError(f"--pool-scale needs T_align to train, and --train-align "
+                             f"{cfg.train_align} does not train it here: add --train-align on")
+        try:
+            model.saipe.use_cosine_pool(cfg.pool_scale)
+        except ValueError as e:
+            raise ValueError(f"--pool-scale: {cfg.init}: {e}; drop --pool-scale") from None
+        model.cfg = model.cfg.replace(saipe=model.saipe.cfg)
     model.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -222,6 +250,13 @@ def prepare_model(cfg: Stage2Config) -> SODiff:
     else:
         for name, p in model.unet.named_parameters():
             p.requires_grad_("lora_" in name)
+    if cfg.freeze_cross_attention:
+        frozen = [p for name, p in model.unet.named_parameters() if CROSS_ATTENTION in name]
+        if not frozen:
+            raise ValueError(f"--freeze-cross-attention: {cfg.init}'s UNet has no "
+                             f"cross-attention layers ('{CROSS_ATTENTION}' in a parameter name)")
+        for p in frozen:
+            p.requires_grad_(False)
     if aligns(cfg):
         model.saipe.t_align.requires_grad_(True)
     # A fixed timestep never runs the predictor: training it would only waste optimizer state.
@@ -233,12 +268,14 @@ def prepare_model(cfg: Stage2Config) -> SODiff:
 
 
 def generator_groups(model: SODiff, cfg: Stage2Config) -> list[dict]:
-    """AdamW groups: UNet (LoRA or all), T_align when it trains, the predictor's trunk and QF
-    head at --lr, its timestep head at --lr * --timestep-lr-scale."""
+    """AdamW groups: UNet (LoRA or all) at --lr, T_align when it trains at --lr *
+    --align-lr-scale, the predictor's trunk and QF head at --lr * --predictor-lr-scale, its
+    timestep head at --lr * --timestep-lr-scale."""
     groups = [{"params": [p for p in model.unet.parameters() if p.requires_grad],
                "lr": cfg.lr, "lr_scale": 1.0, "name": "unet"},
               {"params": [p for p in model.saipe.parameters() if p.requires_grad],
-               "lr": cfg.lr, "lr_scale": 1.0, "name": "t_align"}]
+               "lr": cfg.lr * cfg.align_lr_scale, "lr_scale": cfg.align_lr_scale,
+               "name": "t_align"}]
     for g in model.predictor.param_groups(cfg.lr, cfg.timestep_lr_scale):
         if g["name"] == "predictor":
             g.update(lr=cfg.lr * cfg.predictor_lr_scale, lr_scale=cfg.predictor_lr_scale)
