@@ -94,7 +94,7 @@ PREDICTOR_FRONTS = ("conv", "dct")
 # timestep logits are 1/10 of the head's output, so an Adam step of size lr moves them 10x less.
 QF_SCALE = 45.0
 LOGIT_SCALE = 0.1
-POOL_SCALE_MAX = 100.0  # SAIPE cosine pooling's logit-scale clamp: logits within +-100 keep the softmax finite
+POOL_SCALE_MAX = 100.0  # cosine pooling's logit-scale clamp: keeps the softmax finite
 
 
 @dataclass(frozen=True)
