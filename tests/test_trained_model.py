@@ -101,10 +101,6 @@ def test_tau_and_qf_follow_the_compression(model, photos):
     assert np.mean(errors) <= MAX_QF_MAE, errors
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13, open: the 2026-12-02 weights/tiny's prompt "
-                   "tokens of coffee differ by 0.69% (astronaut 1.01%, chelsea 1.05%), under "
-                   "the 1% asked; the previous model had 3.3% but a UNet that ignored them. "
-                   "Strict: passing means the marker must go")
 def test_prompt_tokens_differ(model, photos):
     for name, image in photos.items():
         p = prompt_of(model, as_input(image, 10))[0]
