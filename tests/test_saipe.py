@@ -191,9 +191,9 @@ def test_cosine_pool_logits_stay_within_the_scale_and_it_learns():
 
 
 def test_cosine_pool_keeps_the_weights_and_spreads_the_tokens():
-    # The bundled model's dot-product pooling had logits ~0.07 wide: near-uniform attention,
-    # 77 near-identical tokens (0.7% apart). The same weights with cosine logits attend
-    # selectively, so the tokens differ (weights/tiny: 4.5-8.7% at scale 10).
+    # The 2026-12-02 bundled model's dot-product pooling had logits ~0.07 wide: near-uniform
+    # attention, 77 near-identical tokens (0.7% apart). The same weights with cosine logits
+    # attend selectively, so the tokens differ (4.5-8.7% at scale 10, before any training).
     model, x = make(), images(1)
     before = {n: p.clone() for n, p in model.state_dict().items()}
     with torch.no_grad():
