@@ -164,6 +164,10 @@ def test_onnx_export_matches_and_uses_trt_ops(cfg, tmp_path):
         assert abs(torch.from_numpy(g) - w).max() < 1e-4
 
 
+def token_spread(prompt: torch.Tensor) -> float:
+    p = prompt[0]
+    return float((p - p.mean(0)).norm() / p.norm())
+
 
 def test_fresh_prompt_tokens_are_distinct():
     # Issue 13: queries drawn at 0.02 scale left the q projection's bias dominating, so the 77
@@ -171,13 +175,7 @@ def test_fresh_prompt_tokens_are_distinct():
     # from there kept them nearly so. Distinct queries give distinct tokens from the start.
     with torch.no_grad():
         prompt, _ = make()(images(1))
-    p = prompt[0]
-    assert float((p - p.mean(0)).norm() / p.norm()) > 0.005  # 2e-4 with the old queries
-
-
-def token_spread(prompt: torch.Tensor) -> float:
-    p = prompt[0]
-    return float((p - p.mean(0)).norm() / p.norm())
+    assert token_spread(prompt) > 0.005  # 2e-4 with the old queries
 
 
 def test_cosine_pool_logits_stay_within_the_scale_and_it_learns():
