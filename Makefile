@@ -2,21 +2,30 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Two stamps: the demo needs the exporter and the runtime only (the `demo` extra: no Ray, no
+# test tools); the tests need everything (`dev`, which includes `demo`). Either order works.
+DEMO_STAMP := $(VENV)/.installed-demo
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-all venv clean
 
 venv: $(STAMP)
 
+$(DEMO_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[demo]"
+	touch $(DEMO_STAMP)
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
 
 # The main job: export the bundled checkpoint (weights/tiny) to ONNX, restore a JPEG (QF 10) of
 # scikit-image's astronaut photo with the torch-free runtime, write out/demo/.
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) -m demo --out out/demo
 
 test: $(STAMP)

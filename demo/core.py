@@ -81,7 +81,7 @@ def load_photo(image: str) -> tuple[str, np.ndarray]:
             import skimage.data
         except ImportError:
             raise RuntimeError("scikit-image is not installed; run `make demo` (it installs "
-                               "everything) or `pip install scikit-image`") from None
+                               "what the demo needs) or `pip install '.[demo]'`") from None
         return image, np.ascontiguousarray(getattr(skimage.data, image)()[..., :3])
     with Image.open(image) as im:
         return Path(image).stem, np.asarray(im.convert("RGB")).copy()

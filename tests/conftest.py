@@ -17,6 +17,16 @@ def shared_data(sub: str = "") -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `last_in_module` tear down what their module shares (a running server):
+    they stay last in their module in any order (pytest-randomly shuffles before this hook)."""
+    for item in [i for i in items if i.get_closest_marker("last_in_module")]:
+        items.remove(item)
+        module = item.module
+        same = [j for j, other in enumerate(items) if getattr(other, "module", None) is module]
+        items.insert(same[-1] + 1 if same else len(items), item)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models on a shared 2-core box: one thread is faster than two fighting threads."""

@@ -9,6 +9,7 @@ from sodiff.config import TINY, TINY_UNET
 from sodiff.schedule import add_noise, alphas_cumprod
 from training.discriminator import UNetDiscriminator, noisy_input
 from training.losses import discriminator_loss, generator_loss, stage2_discriminator_loss
+from tolerance import ELEMENTWISE, NETWORK, assert_close, assert_differs
 
 D_PROMPT = TINY_UNET["cross_attention_dim"]
 
@@ -43,8 +44,8 @@ def test_output_shape_and_dropped_layers(base_unet):
     names = {n.split(".")[0] for n, _ in d.named_parameters()}
     assert "up_blocks" not in names and "conv_out" not in names and "head" in names
     # The logit depends on the timestep and on the prompt (the trunk is really used).
-    assert not torch.allclose(d(z, torch.tensor(10), prompt), d(z, torch.tensor(900), prompt))
-    assert not torch.allclose(d(z, torch.tensor(10), prompt), d(z, torch.tensor(10), -prompt))
+    assert_differs(d(z, torch.tensor(900), prompt), d(z, torch.tensor(10), prompt), NETWORK)
+    assert_differs(d(z, torch.tensor(10), -prompt), d(z, torch.tensor(10), prompt), NETWORK)
 
 
 def test_features_match_the_unets_own_mid_block(base_unet):
@@ -57,7 +58,7 @@ def test_features_match_the_unets_own_mid_block(base_unet):
     with torch.no_grad():
         unet(z, t, encoder_hidden_states=prompt)
         ours = UNetDiscriminator(unet).features(z, t, prompt)
-    assert torch.allclose(ours, captured["mid"], atol=1e-5)
+    assert_close(ours, captured["mid"], NETWORK)
 
 
 def test_noisy_input_uses_the_schedule():
@@ -68,7 +69,7 @@ def test_noisy_input_uses_the_schedule():
     g = torch.Generator().manual_seed(5)
     torch.randint(0, 1000, (4,), generator=g)
     expected = add_noise(z, torch.randn(z.shape, generator=g), table[t])
-    assert torch.allclose(z_t, expected)
+    assert_close(z_t, expected, ELEMENTWISE)
 
 
 def test_generator_loss_reaches_the_generator(base_unet):
@@ -96,7 +97,7 @@ def test_discriminator_loss_trains_d_not_the_generator(base_unet):
     grads = {n: p.grad for n, p in d.named_parameters()}
     assert grads["head.4.weight"].abs().sum() > 0
     assert grads["conv_in.weight"] is not None and grads["conv_in.weight"].abs().sum() > 0
-    assert torch.isclose(terms["d_loss"], loss.detach())
+    assert_close(terms["d_loss"], loss.detach(), ELEMENTWISE)
 
 
 def test_head_only_freezes_trunk(base_unet):
@@ -137,4 +138,4 @@ def test_from_generator_unet_copies_and_drops_lora(base_unet):
     plain = UNetDiscriminator(copy.deepcopy(base_unet))
     plain.head.load_state_dict(d.head.state_dict())
     with torch.no_grad():  # LoRA B is zero at the start: the trunk equals the base UNet's
-        assert torch.allclose(d(z, t, prompt), plain(z, t, prompt), atol=1e-5)
+        assert_close(d(z, t, prompt), plain(z, t, prompt), NETWORK)

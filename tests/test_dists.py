@@ -4,6 +4,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from training.dists import CHANNELS, CONV_INDICES, DISTS, WEIGHT_CHANNELS, cli
+from tolerance import NETWORK, assert_close
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def test_identical_inputs_give_zero(model):
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     d = model(x, x)
     assert d.shape == (2,)
-    assert d.abs().max() < 1e-6
+    assert_close(d, torch.zeros(2), NETWORK, scale=1.0)  # a distance works at the scale of 1
 
 
 def test_symmetric_and_positive(model):
@@ -30,7 +31,7 @@ def test_symmetric_and_positive(model):
     x, y = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
     dxy, dyx = model(x, y), model(y, x)
     assert (dxy > 1e-3).all()
-    assert torch.allclose(dxy, dyx, atol=1e-6)
+    assert_close(dxy, dyx, NETWORK, scale=1.0)
 
 
 def test_distance_grows_with_noise_full_model(model):
@@ -58,7 +59,9 @@ def test_distance_grows_with_noise_pixel_stage_exactly():
     v, vn = x.var([2, 3], unbiased=False)[0], n.var([2, 3], unbiased=False)[0]
     for s in (0.05, 0.1, 0.2):
         expected = (b * (1 - (2 * v + 1e-6) / (2 * v + s * s * vn + 1e-6))).sum()
-        assert torch.allclose(m(x, x + s * n)[0], expected, rtol=1e-3, atol=1e-6)
+        # The closed form holds for the float64 noise; rounding it to float32 breaks the
+        # exact decorrelation by ~1e-7 relative, which the 1e-3 covers with room.
+        torch.testing.assert_close(m(x, x + s * n)[0], expected, rtol=1e-3, atol=1e-6)
     d = [m(x, x + s * n).item() for s in (0.05, 0.1, 0.2)]
     assert d[0] < d[1] < d[2]
 
@@ -80,7 +83,7 @@ def test_formula_matches_the_reference_transcription(model):
             cov = (u * v).mean([2, 3], keepdim=True) - mu * mv
             d2 = d2 + (b * (2 * cov + 1e-6) / (vu + vv + 1e-6)).sum(1)
         ref = 1 - (d1 + d2).flatten()
-    assert torch.allclose(model(x, y).double(), ref, atol=1e-5)
+    assert_close(model(x, y), ref, NETWORK, dtype="float32", scale=1.0)
     shapes = [tuple(f.shape[1:]) for f in fx]
     assert shapes == [(3, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4),
                       (512, 2, 2)]

@@ -21,6 +21,7 @@ from export.pipeline import run_export
 from export.specs import component_specs, dims
 from export.trt import engine_file_name, version_tuple
 from fixtures import fake_tensorrt
+from tolerance import NETWORK, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,32 +78,49 @@ def _onnx_runner(engine: Path, feeds: dict) -> dict:
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 
+def _install_fake_gpu(mp, version="11.1.0.9", cc=(9, 0), runner=_onnx_runner):
+    import torch
+
+    trt = fake_tensorrt.make(version)
+    mp.setitem(sys.modules, "tensorrt", trt)
+    mp.setattr(torch.cuda, "is_available", lambda: True)
+    mp.setattr(export_trt, "compute_capability", lambda: cc)
+    mp.setattr(export_trt, "run_engine", runner)
+    return trt
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """`--target trt` on this CPU: the 11.x stand-in, a CUDA device that says sm_90, and
     engines run by onnxruntime on the graph they were built from."""
-    import torch
-
-    def install(version="11.1.0.9", cc=(9, 0), runner=_onnx_runner):
-        trt = fake_tensorrt.make(version)
-        monkeypatch.setitem(sys.modules, "tensorrt", trt)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(export_trt, "compute_capability", lambda: cc)
-        monkeypatch.setattr(export_trt, "run_engine", runner)
-        return trt
-    return install
+    return lambda **kw: _install_fake_gpu(monkeypatch, **kw)
 
 
-def _trt_export(tmp_path, **kw):
+# The UNet's constant folding is most of an export: export (and fold) only what a test reads.
+ALL = ("predictor", "unet", "vae_decoder")
+CHEAP = ("predictor", "vae_decoder")
+
+
+def _trt_export(tmp_path, components=ALL, **kw):
     opts = ExportOptions(out=tmp_path / "eng", target="trt", preset="tiny", random_weights=True,
-                         timestep="predicted", components=("predictor", "unet", "vae_decoder"),
+                         timestep="predicted", components=components,
                          shape=(64, 64), precision_overrides=(("vae_decoder", "fp32"),), **kw)
     return json.loads(run_export(opts, log=lambda s: None).read_text())
 
 
-def test_trt_export_builds_strongly_typed_fp16_engines(tmp_path, fake_gpu):
-    trt = fake_gpu()
-    m = _trt_export(tmp_path)
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(stand-in tensorrt, manifest, engine dir) of one default `--target trt` export, which
+    the tests that only read its result share."""
+    tmp = tmp_path_factory.mktemp("trt")
+    with pytest.MonkeyPatch.context() as mp:
+        trt = _install_fake_gpu(mp)
+        m = _trt_export(tmp)
+    return trt, m, tmp / "eng"
+
+
+def test_trt_export_builds_strongly_typed_fp16_engines(exported):
+    trt, m, eng = exported
     plans = {Path(p["onnx"]).stem: p for p in trt.build_log}
     assert set(plans) == {"predictor", "unet", "vae_decoder"}
     for name, c in m["components"].items():
@@ -119,13 +137,12 @@ def test_trt_export_builds_strongly_typed_fp16_engines(tmp_path, fake_gpu):
     islands = [i["module"] for i in unet["fp16"]["islands"]]
     assert "unet.time_embedding" in islands and "" in islands  # "" is Eq. 6 in the wrapper
     assert plans["vae_decoder"]["compute"].keys() == {"float32"}
-    assert (tmp_path / "eng" / "timing.cache").is_file()
+    assert (eng / "timing.cache").is_file()
 
 
-def test_fp16_unet_graph_is_half_with_float32_only_at_the_islands(tmp_path, fake_gpu):
-    fake_gpu()
-    m = _trt_export(tmp_path)
-    path = tmp_path / "eng" / m["components"]["unet"]["trt"]["onnx"]["file"]
+def test_fp16_unet_graph_is_half_with_float32_only_at_the_islands(exported):
+    _, m, eng = exported
+    path = eng / m["components"]["unet"]["trt"]["onnx"]["file"]
     found = fake_tensorrt.compute_dtypes(path)
     assert len(found.get("float16", [])) > 10
     assert found.get("float32") and all("time_embedding" in n for n in found["float32"]), found
@@ -135,10 +152,9 @@ def test_fp16_unet_graph_is_half_with_float32_only_at_the_islands(tmp_path, fake
     assert 3 <= len(casts) <= 8, [n.name for n in casts]
 
 
-def test_predictor_heads_stay_float32(tmp_path, fake_gpu):
-    fake_gpu()
-    m = _trt_export(tmp_path)
-    path = tmp_path / "eng" / m["components"]["predictor"]["trt"]["onnx"]["file"]
+def test_predictor_heads_stay_float32(exported):
+    _, m, eng = exported
+    path = eng / m["components"]["predictor"]["trt"]["onnx"]["file"]
     found = fake_tensorrt.compute_dtypes(path)
     assert found.get("float16") and found.get("float32")
     assert all("head" in n for n in found["float32"]), found
@@ -149,7 +165,7 @@ def test_engine_parity_failure_refuses_the_dir(tmp_path, fake_gpu):
         return {k: v + 1.0 for k, v in _onnx_runner(engine, feeds).items()}
     fake_gpu(runner=wrong)
     with pytest.raises(ParityError, match="tensorrt"):
-        _trt_export(tmp_path)
+        _trt_export(tmp_path, CHEAP)
     assert not (tmp_path / "eng" / "manifest.json").exists()
 
 
@@ -163,7 +179,7 @@ def test_unsupported_tensorrt_is_refused_before_anything_is_written(tmp_path, fa
 
 def test_tensorrt_10_gets_the_strongly_typed_flag(tmp_path, fake_gpu):
     trt = fake_gpu(version="10.12.0.36")
-    _trt_export(tmp_path, force=True)
+    _trt_export(tmp_path, CHEAP, force=True)  # the fp16 predictor: strong typing matters
     assert trt.build_log and all(p["strongly_typed"] for p in trt.build_log)
 
 
@@ -204,5 +220,5 @@ def test_tiny_engines_build_and_match_onnxruntime(tmp_path):
         got = run_engine(eng / c["file"], feeds)
         ref = ort_session(eng / c["trt"]["onnx"]["file"]).run(None, feeds)[0]
         out = got[c["outputs"][0]["name"]].astype(np.float32)
-        tol = 2e-2 + 2e-2 * np.abs(ref).max() if c["precision"] == "fp16" else 1e-3
-        assert np.abs(out - ref.astype(np.float32)).max() <= tol, name
+        assert_close(out, ref.astype(np.float32), NETWORK,
+                     dtype="float16" if c["precision"] == "fp16" else "float32", msg=name)

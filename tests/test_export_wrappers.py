@@ -15,6 +15,7 @@ from export.specs import component_specs
 from export.wrappers import FixedUNetWrapper, UNetWrapper, build_wrappers, for_export, half_copy
 from sodiff.config import TINY
 from sodiff.model import SODiff
+from tolerance import LAYER, NETWORK, assert_close, assert_differs
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,37 @@ def test_unet_wrapper_is_denoise_with_the_lora_merged(model):
             if "lora_B" in name:
                 p.data.zero_()
         without_lora = base.denoise(z, tau, prompt)
-    assert (got - want).abs().max() < 1e-5
-    assert (without_lora - want).abs().max() > 1e-3  # the LoRA matters in this model
+    assert_close(got, want, NETWORK)
+    assert_differs(without_lora, want, NETWORK)  # the LoRA matters in this model
+
+
+def _drop_lora(unet):
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in [(n, m) for n, m in unet.named_modules() if isinstance(m, LoraLayer)]:
+        parent, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent) if parent else unet, child, module.get_base_layer())
+
+
+@pytest.mark.parametrize("defect", ["lora_not_merged", "conv_in_scaled", "conv_out_scaled",
+                                    "timestep_off_by_one"])
+def test_the_unet_bound_catches_real_defects(model, defect):
+    """The policy's bound sits >= 10x below what a real defect changes: the LoRA left out of
+    the merged weights, one weight scaled by 1 + 1e-3, or the timestep one step off."""
+    z, tau, prompt = inputs()
+    unet = copy.deepcopy(model).unet if defect == "lora_not_merged" else merged_copy(model).unet
+    if defect == "lora_not_merged":  # what a merge that dropped the adapters would export
+        _drop_lora(unet)
+    if defect.endswith("_scaled"):
+        with torch.no_grad():
+            getattr(unet, defect.removesuffix("_scaled")).weight.mul_(1 + 1e-3)
+    t = tau + 1 if defect == "timestep_off_by_one" else tau
+    with torch.no_grad():
+        want = model.denoise(z, tau, prompt)
+        got = UNetWrapper(unet, model.alphas_cumprod)(z, t, prompt)
+    assert_differs(got, want, NETWORK, msg=defect)
+    with pytest.raises(AssertionError):
+        assert_close(got, want, NETWORK)
 
 
 def test_fixed_wrapper_bakes_tau(model):
@@ -60,8 +90,8 @@ def test_fixed_wrapper_bakes_tau(model):
         want = model.denoise(z, torch.full((2,), tau), prompt)
         got = FixedUNetWrapper(merged_copy(model).unet, model.alphas_cumprod, tau)(z, prompt)
         other = model.denoise(z, torch.full((2,), 600.0), prompt)
-    assert (got - want).abs().max() < 1e-5
-    assert (other - want).abs().max() > 1e-3  # tau really changes the result
+    assert_close(got, want, NETWORK)
+    assert_differs(other, want, NETWORK)  # tau really changes the result
 
 
 def test_half_copy_keeps_the_schedule_in_float32(model):
@@ -83,7 +113,7 @@ def test_fp16_io_wrappers(model):
     assert out.dtype == torch.float16
     with torch.no_grad():
         ref = w["unet"](z, tau, prompt)
-    assert (out.float() - ref).abs().max() < 2e-2 + 2e-2 * ref.abs().max()
+    assert_close(out, ref, LAYER)  # in float16: its eps, not float32's
     p = for_export(w["predictor"], specs["predictor"], "fp16")
     t, qf = p(torch.rand(1, 3, 32, 32).half())
     assert t.dtype == torch.float32 and qf.dtype == torch.float32  # scalars stay float32

@@ -13,6 +13,7 @@ from PIL import Image
 from sodiff import bundled, checkpoint
 from sodiff.jpeg import compress
 from sodiff.pipeline import PredictorModel, SAIPEModel, SODiffPipeline
+from tolerance import assert_pixels_close
 
 COMPONENTS = ("predictor", "saipe", "unet", "vae")
 
@@ -29,10 +30,6 @@ def _reference(model, image: np.ndarray, mode=None, keep_colour=True) -> np.ndar
     x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     out = model.restore(x, mode, keep_colour)[0].clamp(-1, 1).add(1).mul(127.5).round()
     return out.to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def _max_diff(a, b: np.ndarray) -> int:
-    return int(np.abs(np.asarray(a).astype(np.int16) - b.astype(np.int16)).max())
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +77,15 @@ def test_round_trip_restores_as_sodiff(saved, images):
         out = p(pils)
         assert [im.size for im in out.images] == [im.size for im in pils]
         for got, im in zip(out.images, images):
-            assert got.mode == "RGB" and _max_diff(got, _reference(ref, im)) <= 1
+            assert got.mode == "RGB"
+            assert_pixels_close(got, _reference(ref, im), 1)  # the last rounding to uint8
         assert len(out.timesteps) == 2 and len(out.qf) == 2
     single = loaded(pils[0], timestep=300)  # a fixed timestep, one image
     assert single.timesteps == [300.0] and single.qf is None
-    assert _max_diff(single.images[0], _reference(ref, images[0], 300.0)) <= 1
+    assert_pixels_close(single.images[0], _reference(ref, images[0], 300.0), 1)
     plain = loaded(pils[0], keep_colour=False).images[0]
-    assert _max_diff(plain, _reference(ref, images[0], keep_colour=False)) <= 1
-    assert _max_diff(plain, _reference(ref, images[0])) > 0  # the colour step did something
+    assert_pixels_close(plain, _reference(ref, images[0], keep_colour=False), 1)
+    assert not np.array_equal(plain, _reference(ref, images[0]))  # the colour step did something
 
 
 def test_lora_checkpoint_is_merged_into_a_plain_unet(tmp_path, tiny_model, images):
@@ -97,7 +95,7 @@ def test_lora_checkpoint_is_merged_into_a_plain_unet(tmp_path, tiny_model, image
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = SODiffPipeline.from_pretrained(tmp_path / "pipe")
     got = loaded(Image.fromarray(images[0])).images[0]
-    assert _max_diff(got, _reference(tiny_model, images[0])) <= 1  # LoRA unmerged there
+    assert_pixels_close(got, _reference(tiny_model, images[0]), 1)  # LoRA unmerged there
 
 
 def test_output_types_agree(saved, images):
@@ -108,10 +106,10 @@ def test_output_types_agree(saved, images):
     ten = pipe(im, output_type="pt").images[0]
     assert arr.shape == (40, 33, 3) and arr.dtype == np.float32 and tuple(ten.shape) == (3, 40, 33)
     assert 0 <= arr.min() and arr.max() <= 1
-    assert _max_diff(np.round(arr * 255), pil) <= 1
-    assert torch.allclose(ten.permute(1, 2, 0), torch.from_numpy(arr))
+    assert_pixels_close(np.round(arr * 255), pil, 1)
+    torch.testing.assert_close(ten.permute(1, 2, 0), torch.from_numpy(arr), rtol=0, atol=0)
     (tupled,) = pipe(im, return_dict=False)
-    assert _max_diff(tupled[0], pil) == 0
+    assert_pixels_close(tupled[0], pil)
 
 
 @pytest.mark.parametrize("kwargs,named", [

@@ -13,6 +13,7 @@ from fixtures.runtime_engines import batched_tiny_engine, edit_manifest, identit
 from runtime import Restorer
 from runtime.backends import BackendError, Component, ort
 from runtime.manifest import ComponentSpec, TensorSpec
+from tolerance import LAYER, PIPELINE, assert_close
 
 CUDA, CPU, TRT = ort.CUDA, ort.CPU, ort.TRT
 
@@ -273,8 +274,8 @@ def test_cpu_binding_chain_equals_plain_component_calls(batched):
         bound = dec.fetch(dec.run(clean_latent=cl)["image"])
         hops = enc.hops + unet.hops + dec.hops
     assert hops == 0 and bound.dtype == np.float32
-    np.testing.assert_allclose(bound, plain, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(Component.fetch(cl), clean, rtol=0, atol=1e-6)
+    assert_close(bound, plain, PIPELINE)
+    assert_close(Component.fetch(cl), clean, PIPELINE)
 
 
 def test_fixed_io_sizes_outputs_from_the_vae_factor(tmp_path):
@@ -298,9 +299,9 @@ def test_fixed_io_sizes_outputs_from_the_vae_factor(tmp_path):
     first = comp.run(image=comp.put("image", x))["latent"]
     want = x.reshape(2, 3, 4, 2, 6, 2).mean(axis=(3, 5))
     assert first.shape == (2, 3, 4, 6) and first.stable
-    np.testing.assert_allclose(comp.fetch(first), want, atol=1e-6)
+    assert_close(comp.fetch(first), want, LAYER)
     again = comp.run(image=comp.put("image", -x))["latent"]
     assert again.value is first.value and backend.captured == 1  # the same buffer, refilled
-    np.testing.assert_allclose(comp.fetch(again), -want, atol=1e-6)
-    np.testing.assert_allclose(comp(image=x)["latent"], want, atol=1e-6)  # numpy callers too
+    assert_close(comp.fetch(again), -want, LAYER)
+    assert_close(comp(image=x)["latent"], want, LAYER)  # numpy callers too
     comp.close()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.resize import resize, resize_rows
+from tolerance import PIPELINE, assert_close
 
 
 def _peak_mb(fn) -> float:
@@ -38,7 +39,8 @@ def test_long_sides_still_match_torch(h, w, size):
     x = np.random.default_rng(0).uniform(-1, 1, (3, h, w)).astype(np.float32)
     ref = F.interpolate(torch.from_numpy(x)[None], size=size, mode="bilinear",
                         align_corners=False, antialias=True)[0].numpy()
-    assert np.abs(resize(x, size) - ref).max() < 1e-5
+    # numpy against torch's kernel: other tap weights, another order of sums over many taps.
+    assert_close(resize(x, size), ref, PIPELINE)
 
 
 def test_band_size_never_changes_a_narrow_image_s_result():

@@ -16,6 +16,7 @@ from runtime.config import RestoreOptions, validate_options
 from runtime.pipeline import pad_bottom_right
 from runtime.resize import resize, resize_rows
 from runtime.tiling import axis_weights, crop_starts, tile_starts
+from tolerance import LAYER, PIPELINE, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,8 @@ def test_resize_matches_torch_antialiased_bilinear(h, w, size):
     x = np.random.default_rng(h * w).uniform(-1, 1, (3, h, w)).astype(np.float32)
     ref = F.interpolate(torch.from_numpy(x)[None], size=size, mode="bilinear",
                         align_corners=False, antialias=True)[0].numpy()
-    assert np.abs(resize(x, size) - ref).max() < 1e-5
+    # numpy against torch's kernel: other tap weights, another order of sums over many taps.
+    assert_close(resize(x, size), ref, PIPELINE)
 
 
 def test_resize_reads_rows_in_chunks_without_changing_the_result():
@@ -73,7 +75,7 @@ def test_blend_weights_are_a_feathered_partition_of_unity(length, tile, overlap)
     for s, w in zip(starts, weights):
         assert w.size == min(tile, length - s) and (w > 0).all() and (w <= 1).all()
         total[s:s + w.size] += w
-    assert np.allclose(total, 1, atol=1e-6)
+    assert_close(total, np.ones(length), LAYER, dtype="float32")  # sums of float32 weights
     if len(starts) > 1 and overlap:
         first = weights[0]
         assert first[0] == 1 and first[-1] < 0.5  # feathered towards its neighbour

@@ -166,7 +166,8 @@ def test_a_serve_batch_call_restores_each_image_as_restore_does(tmp_path, tile_b
             assert ("tau" in info) == (tile_batch == 1) and info["ms"]["total"] > 0
 
 
-def test_zzz_shuts_down_cleanly(server):  # named to run last in this module
+@pytest.mark.last_in_module  # it stops the module's server
+def test_shuts_down_cleanly(server):
     url, proc, log = server
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]

@@ -64,10 +64,11 @@ def config(tmp_path, **kw):
 
 
 def test_overfits_a_fixed_batch_and_exports_a_loadable_checkpoint(tmp_path, store, logged):
-    # Two captioned crops at one QF and batch 2: every step sees the same batch.
-    cfg = config(tmp_path, embeddings=str(store), lr=2e-3, max_steps=30)
+    # Two captioned crops at one QF and batch 2: every step sees the same batch. 60 steps: the
+    # L1 falls slower than the alignment term, and 30 left some seeds near its bound.
+    cfg = config(tmp_path, embeddings=str(store), lr=2e-3, max_steps=60)
     final = stage1.train(cfg)
-    assert len(logged) == 30
+    assert len(logged) == 60
     for row in logged:
         for k in ("rec", "align", "total"):
             assert np.isfinite(row[k]) and row[k] > 0, (k, row)
@@ -75,7 +76,7 @@ def test_overfits_a_fixed_batch_and_exports_a_loadable_checkpoint(tmp_path, stor
     assert last["total"] <= 0.5 * logged[0]["total"], (logged[0], last)
     assert last["rec"] <= 0.75 * logged[0]["rec"], (logged[0], last)
     model = checkpoint.load(final)
-    trained = load_file(str(tmp_path / "run" / "train_state" / "step-30" / "weights.safetensors"))
+    trained = load_file(str(tmp_path / "run" / "train_state" / "step-60" / "weights.safetensors"))
     for k, v in model.saipe.state_dict().items():
         if f"saipe.{k}" in trained:
             assert torch.equal(v, trained[f"saipe.{k}"]), k

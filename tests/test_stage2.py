@@ -22,6 +22,7 @@ from training import stage2
 from training.dists import DISTS
 from training.losses import Stage2Weights
 from training.stage2 import Stage2Config
+from tolerance import NETWORK, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
 CROP = 16
@@ -51,15 +52,31 @@ def init(tmp_path_factory):
 def images(init, tmp_path_factory):
     """Two 16 px images the frozen random tiny VAE can represent (its decoder's outputs), so a
     perfect fit exists: natural images lie far outside a random decoder's range."""
+    return decoder_images(init, tmp_path_factory.mktemp("images"), 2, 2.0)
+
+
+def decoder_images(init, folder: Path, n: int, scale: float) -> Path:
+    """`n` PNGs in `folder`: the decoder of `init`'s VAE on latents of std `scale`."""
     vae = checkpoint.load(init).vae
     with torch.no_grad():
-        x = decode(vae, 2 * torch.randn(2, TINY.latent_channels, 8, 8, generator=torch.Generator().manual_seed(5)),
+        x = decode(vae, scale * torch.randn(n, TINY.latent_channels, 8, 8, generator=torch.Generator().manual_seed(5)),
                    1.0).clamp(-1, 1)
-    folder = tmp_path_factory.mktemp("images")
     for i, img in enumerate(x):
         arr = ((img.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
         Image.fromarray(arr).save(folder / f"{i}.png")
     return folder
+
+
+@pytest.fixture(scope="module")
+def fixed_tau_init(init, tmp_path_factory):
+    """`init` with its timestep head saturated at t = 900, where Eq. 6 scales the UNet's output
+    by sqrt(1 - alpha_bar) / sqrt(alpha_bar) ~ 8 (1.6 at the untrained head's t ~ 500): the
+    LoRA fits a batch in tens of steps, not hundreds. Without the Gumbel timestep's noise, a
+    generator that does not learn logs the same terms every step."""
+    model = checkpoint.load(init)
+    with torch.no_grad():
+        model.predictor.timestep_head.bias[900] = 1e4
+    return checkpoint.save(model, tmp_path_factory.mktemp("fixed_tau") / "ckpt")
 
 
 def config(tmp_path, init, images, **kw):
@@ -70,19 +87,31 @@ def config(tmp_path, init, images, **kw):
 
 
 
-def test_overfits_a_fixed_batch_with_every_term(tmp_path, init, images, logged):
-    # Two images at one QF with batch 2: every step sees the same batch. Random DISTS weights.
-    torch.manual_seed(0)
-    # The presets scale the timestep logits by 0.1 and stage 2 slows the timestep head 20x by
-    # default; this over-fitting check lets it move faster (20 x 0.1 = 2 x the UNet).
-    final = stage2.train(config(tmp_path, init, images, max_steps=90, perceptual="random",
-                                timestep_lr_scale=20.0), perceptual=DISTS())
-    assert len(logged) == 90
+@pytest.fixture(scope="module")
+def one_image(init, tmp_path_factory):
+    """One decoder image of std-1 latents: the LoRA fits it faster than `images`."""
+    return decoder_images(init, tmp_path_factory.mktemp("one_image"), 1, 1.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_overfits_a_fixed_batch_with_every_term(tmp_path, fixed_tau_init, one_image, logged,
+                                                seed):
+    # One image at one QF with batch 1: every step sees the same batch. The seed draws the
+    # random DISTS weights and the discriminator's noise.
+    torch.manual_seed(seed)
+    steps, k = 25, 4
+    final = stage2.train(config(tmp_path, fixed_tau_init, one_image, batch_size=1, seed=seed,
+                                max_steps=steps, perceptual="random"), perceptual=DISTS())
+    assert len(logged) == steps
     for row in logged:
-        for k in ("mse", "ea", "gan", "qf", "total", "d_loss"):
-            assert np.isfinite(row[k]) and row[k] > 0, (k, row)
-    last = np.mean([r["total"] for r in logged[-5:]])  # the Gumbel timestep makes it noisy
-    assert last <= 0.5 * logged[0]["total"], (logged[0], last)
+        for name in ("mse", "ea", "gan", "qf", "total", "d_loss"):
+            assert np.isfinite(row[name]) and row[name] > 0, (name, row)
+    # The terms the generator fits fall; the adversarial ones need not (G and D take turns):
+    # test_gan_gradient_reaches_the_generator_but_not_the_discriminator checks L_G's gradient.
+    # 0.7: at least 2x headroom on every seed here, and a generator that stays put logs 1.
+    for name in ("mse", "ea", "qf"):
+        first, last = (np.mean([r[name] for r in rows]) for rows in (logged[:k], logged[-k:]))
+        assert last <= 0.7 * first, (name, first, last)
     model = checkpoint.load(final)
     assert (final / "pytorch_lora_weights.safetensors").is_file()
     lq = torch.rand(1, 3, 20, 28) * 2 - 1
@@ -353,7 +382,7 @@ def test_view_crop_gives_prompt_and_timestep_the_whole_view(tmp_path, images, lo
     assert out.restored.shape == (1, 3, CROP, CROP)
     expected, _, _ = model.predictor(batch["view"], gumbel=True,
                                      generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(out.tau, expected)
+    assert_close(out.tau, expected, NETWORK)
     stage2.train(cfg)
     assert len(logged) == cfg.max_steps
     with pytest.raises(ValueError, match="view_crop=36 must be a multiple of 8"):

@@ -12,6 +12,7 @@ from sodiff.config import TINY_FULL
 from sodiff.model import SODiff
 from sodiff.schedule import interp_alpha
 from training import tiny_base
+from tolerance import NETWORK, assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +37,7 @@ def test_base_starts_as_the_vae_round_trip(tmp_path, vae_dir):
         alpha = interp_alpha(model.alphas_cumprod, out.tau)
         expected = decode(model.vae, z / alpha.sqrt(), 1.0)
     assert out.tau.item() == pytest.approx(TINY_FULL.predictor.t_init, rel=1e-4)
-    assert torch.allclose(out.decoded, expected, atol=1e-5)
+    assert_close(out.decoded, expected, NETWORK)
     assert (base / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
         (vae_dir / "diffusion_pytorch_model.safetensors").read_bytes()
 
