@@ -4,7 +4,6 @@ the side-by-side crop grid."""
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import socket
 from dataclasses import dataclass
@@ -17,8 +16,10 @@ from PIL import Image, ImageDraw
 from sodiff import jpeg, metrics
 
 # Test sets: folder under the data dir, and whether the protocol is grey (single-channel JPEG
-# of the Matlab-style Y image) or colour (RGB, 4:2:0).
-SETS = {"LIVE1_color": False, "LIVE1_gray": True, "Classic5": True}
+# of the Matlab-style Y image) or colour (RGB, 4:2:0). BSDS500's files are JPEGs of IJG quality
+# ~95 themselves: at QF 90-95 their re-compression is nearly lossless.
+SETS = {"LIVE1_color": False, "LIVE1_gray": True, "Classic5": True, "BSDS500/test": False}
+SET_SUFFIXES = (".png", ".bmp", ".tif", ".jpg")
 IQA_METRICS = ("lpips", "dists", "musiq", "maniqa", "clipiqa")
 IQA_FULL_REFERENCE = ("lpips", "dists")
 # Luma weights of grey = R,G,B mix (BT.601 full range, as PIL's convert("L")): they sum to 1,
@@ -34,7 +35,7 @@ def list_images(data_dir: Path, name: str) -> list[Path]:
     if not folder.is_dir():
         raise ValueError(f"test set folder {folder} is missing (the test sets live in "
                          f"../shared/data beside the repo; pass --data DIR)")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".bmp", ".tif"))
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SET_SUFFIXES)
     if not files:
         raise ValueError(f"no images in {folder}")
     return files
@@ -87,20 +88,17 @@ def torch_restorer(checkpoint: Path, base: Path | None, device: str) -> Restorer
 
 def engine_restorer(engine_dir: Path, jpeg_constraint: bool = True) -> Restorer:
     """The torch-free runtime's Restorer (its backend as the engine dir says: onnxruntime for
-    ONNX graphs), given the JPEG's tables as sodiff-run reads them from the file; the predicted
-    QF comes from `restore_info`."""
+    ONNX graphs), given the JPEG file as sodiff-run reads it (tables, coefficients, header QF;
+    the dir's gate applies); the predicted QF comes from `restore_info`."""
     from runtime import Restorer as RuntimeRestorer
-    from runtime.jpegqcs import tables_of
+    from runtime.imageio import decode_image
     restorer = RuntimeRestorer(engine_dir, jpeg_constraint=jpeg_constraint)
 
     def restore(rgb: np.ndarray, data: bytes) -> Restored:
-        with Image.open(io.BytesIO(data)) as im:
-            tables = tables_of(im)
-        if tables is not None and tables.grey:  # a grey JPEG: the runtime's grey path
-            image, info = restorer.restore_info(rgb[..., 0].copy(), jpeg=tables)
+        img = decode_image(data, "benchmark JPEG")
+        image, info = restorer.restore_info(img.array, img.qf, jpeg=img.jpeg)
+        if image.ndim == 2:  # a grey JPEG went the runtime's grey path
             image = np.repeat(image[..., None], 3, axis=2)
-        else:
-            image, info = restorer.restore_info(rgb, jpeg=tables)
         qf = info.get("qf_predicted")
         return Restored(image, None if qf is None else float(qf))
     return restore

@@ -121,11 +121,11 @@ def mutate(data: bytes, rng) -> bytes:
 
 def preprocess(array: np.ndarray) -> None:
     """What the Restorer does with a decoded array before any engine runs."""
-    from runtime.pipeline import _split_alpha, is_neutral
+    from runtime.tiles import is_neutral, split_alpha
     from runtime.resize import resize_rows
     from runtime.tiles import Source
 
-    colour, _ = _split_alpha(array)
+    colour, _ = split_alpha(array)
     src = Source(colour[..., 0] if is_neutral(colour) else colour)
     resize_rows(src.rows, src.h, src.w, (SAIPE_SIDE, SAIPE_SIDE))
     src.block(0, 0, *TILE)

@@ -29,8 +29,8 @@ from runtime.cliopts import CONTEXT_SETTINGS, version_option  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from benchmarks import _quality as Q  # noqa: E402
 
-DEFAULT_SETS = ("LIVE1_color", "Classic5")
-DEFAULT_QFS = (5, 10, 20, 30, 40)
+DEFAULT_SETS = ("LIVE1_color", "Classic5", "LIVE1_gray", "BSDS500/test")
+DEFAULT_QFS = (5, 10, 20, 30, 40, 60, 80, 90, 95)  # what users hold reaches QF 95
 CLASSIC = ("psnr", "ssim", "psnr_b")
 
 

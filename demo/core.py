@@ -102,23 +102,20 @@ def export_engine(opts: DemoOptions, log: Log) -> None:
                log=log)
 
 
-def restore(opts: DemoOptions, jpeg: np.ndarray, data: bytes, seconds: dict[str, float]
-            ) -> tuple[np.ndarray, dict]:
-    """The runtime on the decoded JPEG, given the file's tables as sodiff-run reads them."""
-    import io
-
+def restore(opts: DemoOptions, data: bytes, seconds: dict[str, float]) -> tuple[np.ndarray, dict]:
+    """The runtime on the JPEG file `data`, read as sodiff-run reads it: its tables,
+    coefficients and header QF."""
     from runtime import Restorer, RestoreOptions
-    from runtime.jpegqcs import tables_of
+    from runtime.imageio import decode_image
 
-    with Image.open(io.BytesIO(data)) as im:
-        tables = tables_of(im)
+    img = decode_image(data, "demo JPEG")
 
     t = time.perf_counter()
     with Restorer(engine_dir(opts), RestoreOptions(backend="ort", device="cpu",
                                               threads=opts.threads)) as r:
         seconds["load engines"] = time.perf_counter() - t
         t = time.perf_counter()
-        out, info = r.restore_info(jpeg, jpeg=tables)
+        out, info = r.restore_info(img.array, img.qf, jpeg=img.jpeg)
         seconds["restore"] = time.perf_counter() - t
     return out, info
 
@@ -138,7 +135,7 @@ def run_demo(opts: DemoOptions = DemoOptions(), log: Log = lambda m: print(m, fi
     seconds["export"] = time.perf_counter() - t
     log(f"[restore] {name} {original.shape[1]}x{original.shape[0]} at QF {opts.qf}, "
         f"onnxruntime on the CPU")
-    restored, info = restore(opts, jpeg, data, seconds)
+    restored, info = restore(opts, data, seconds)
     metrics = {"jpeg": scores(jpeg, original), "restored": scores(restored, original)}
     opts.out.mkdir(parents=True, exist_ok=True)
     files = {"jpeg": opts.out / f"{name}_q{opts.qf}.jpg",

@@ -51,8 +51,12 @@ _TARGET_HELP = "; ".join(f"{t.name} ({', '.join(t.aliases)}): {t.summary}" for t
 @click.option("--timing-cache", type=click.Path(path_type=Path),
               help="TensorRT timing cache (default: ENGINE_DIR/timing.cache).")
 @click.option("--force", is_flag=True, help="Rebuild components whose inputs did not change.")
+@click.option("--gate-images", type=click.Path(path_type=Path),
+              help="Folder of clean images to measure the high-QF gate on with the new "
+                   "engines (default: the checkpoint's gate.json, if it has one).")
 def main(checkpoint, base, preset, random_weights, seed, target, out, timestep, calibration,
-         precision, shape, dynamic, batch, components, opset, samples, timing_cache, force):
+         precision, shape, dynamic, batch, components, opset, samples, timing_cache, force,
+         gate_images):
     """Export a SODiff model to an engine directory (ONNX graphs or TensorRT engines and a
     manifest.json for sodiff-run)."""
     # diffusers pulls in transformers, whose import-time notices are noise for this tool.
@@ -69,7 +73,8 @@ def main(checkpoint, base, preset, random_weights, seed, target, out, timestep, 
                 dynamic=parse_dynamic(dynamic) if dynamic else None, batch=parse_batch(batch),
                 components=tuple(c.strip() for c in components.split(",") if c.strip())
                 if components is not None else None,
-                opset=opset, samples=samples, force=force, timing_cache=timing_cache)
+                opset=opset, samples=samples, force=force, timing_cache=timing_cache,
+                gate_images=gate_images)
             path = run_export(opts, log=lambda m: click.echo(m, err=True))
         except ExportError as e:
             click.echo(f"error: {e}", err=True)

@@ -44,6 +44,8 @@ class ExportOptions:
     samples: int = 2                           # random parity samples (real ones come extra)
     force: bool = False                        # rebuild even components whose inputs match
     timing_cache: Path | None = None           # trt: cache file (None: ENGINE_DIR/timing.cache)
+    gate_images: Path | None = None            # clean images to measure the high-QF gate on
+    #                                            (None: the checkpoint's gate.json, if any)
 
 
 def parse_size(text: str, what: str) -> Size:
@@ -231,8 +233,9 @@ def validate_options(opts: ExportOptions) -> None:
     if opts.timing_cache is not None and "timing_cache" not in target.options:
         problems.append(f"--timing-cache is a TensorRT option; target {target.name} builds no "
                         f"engines")
-    if opts.calibration is not None and not Path(opts.calibration).is_dir():
-        problems.append(f"--calibration {opts.calibration}: no such folder")
+    for flag, folder in (("--calibration", opts.calibration), ("--gate-images", opts.gate_images)):
+        if folder is not None and not Path(folder).is_dir():
+            problems.append(f"{flag} {folder}: no such folder")
     if problems:
         raise OptionError("; ".join(problems))
 

@@ -145,6 +145,7 @@ def run_export(opts: ExportOptions, log: Log = _stderr) -> Path:
     out = Path(opts.out)
     mf.check_out_dir(out)
     calib_files = list_images(opts.calibration) if opts.calibration else []
+    gate_files = list_images(opts.gate_images) if opts.gate_images else None  # fail early
     log(f"[model] loading {'random ' + opts.preset if opts.random_weights else 'checkpoint'}")
     loaded = load_model(opts)
     cfg = loaded.model.cfg
@@ -173,8 +174,34 @@ def run_export(opts: ExportOptions, log: Log = _stderr) -> Path:
                                  checkpoint=loaded.checkpoint, timestep=timestep,
                                  shapes=plan.shapes, components=components, lint=lint)
     path = mf.write_manifest(out, manifest)
+    gate = _gate(opts, loaded, gate_files, out, log)
+    if gate is not None:
+        path = mf.write_manifest(out, {**manifest, "gate": gate})
     log(f"[done] {out} ({len(components)} components, {time.perf_counter() - started:.1f} s)")
     return path
+
+
+def _gate(opts: ExportOptions, loaded: Loaded, files: list[Path] | None, out: Path, log: Log
+          ) -> dict | None:
+    """The high-QF gate: measured now on --gate-images with the engines just written, or the
+    checkpoint's own gate.json (measured once for its weights), or none."""
+    from . import gate as gt
+    if files is not None:
+        log(f"[gate] measuring on {len(files)} images of {opts.gate_images}")
+        return gt.fit_gate(out, files, log=log)
+    if opts.random_weights:
+        return None
+    try:
+        found = gt.checkpoint_gate(loaded.checkpoint["path"])
+    except ValueError as e:
+        raise ExportError(f"{loaded.checkpoint['path']}/{gt.GATE_FILE}: {e}; fix or delete "
+                          f"it, or measure a new one with --gate-images DIR") from None
+    if found is None:
+        log("[gate] none: the checkpoint has no gate.json (measure one with --gate-images DIR)")
+    else:
+        log("[gate] the checkpoint's: " + ", ".join(
+            f"QF {q:g}: {w:g}" for q, w in zip(found["qf"], found["weight"])))
+    return found
 
 
 def _reusable_entries(plan: _Plan, old: dict | None, out: Path, log: Log) -> dict[str, dict]:

@@ -143,8 +143,8 @@ LOCAL = LocalFiles()
 # One --report line per image, every key on every line (null when not known: a failed image
 # has no tau); docs/runtime.md documents each. `ms` holds read, each stage, total and write.
 REPORT_KEYS = ("input", "output", "ok", "error", "mode", "format", "size", "qf_header",
-               "qf_predicted", "tau", "tau_source", "neutral", "jpeg_constraint", "tiles", "ms",
-               "warnings")
+               "qf_predicted", "tau", "tau_source", "neutral", "jpeg_constraint", "constraint_k",
+               "gate", "tiles", "ms", "warnings")
 
 
 def report_line(**fields) -> dict:

@@ -51,11 +51,14 @@ EXIT_FAILED, EXIT_UNUSABLE, EXIT_INTERRUPTED = 1, 2, 130  # 130: 128 + SIGINT, t
 @click.option("--no-jpeg-constraint", is_flag=True, help="Keep restored block-DCT coefficients "
               "outside the JPEG's quantization intervals (default: a JPEG input's output is "
               "projected onto them).")
+@click.option("--no-gate", is_flag=True, help="Keep the restoration at every quality (default: "
+              "where the engine dir's measured gate says the model stops helping, at high QF, "
+              "the output moves toward the JPEG's own decode).")
 @click.option("--report", is_flag=True, help="One JSON line per image on stdout (QF, tau, "
                                              "size, ms per stage).")
 def main(engine, inputs, output, fmt, quality, overwrite, backend, device, tile, overlap,
          tile_batch, timestep, threads, max_pixels, no_verify, no_keep_colour,
-         no_jpeg_constraint, report):
+         no_jpeg_constraint, no_gate, report):
     """Restore JPEG-compressed images with a SODiff engine dir.
 
     INPUT: files, folders (searched recursively) and glob patterns.
@@ -80,7 +83,8 @@ def main(engine, inputs, output, fmt, quality, overwrite, backend, device, tile,
         restorer = Restorer(engine, RestoreOptions(
             backend=backend, device=device, tile=tile, overlap=overlap, tile_batch=tile_batch,
             timestep=timestep, threads=threads, verify_hashes=not no_verify,
-            keep_colour=not no_keep_colour, jpeg_constraint=not no_jpeg_constraint))
+            keep_colour=not no_keep_colour, jpeg_constraint=not no_jpeg_constraint,
+            gate=not no_gate))
     except (EngineDirError, BackendError, ValueError) as e:
         _die(str(e), EXIT_UNUSABLE)
     if no_verify:

@@ -78,6 +78,8 @@ class RestoreOptions:
     jpeg_constraint: when the input's JPEG tables are known (a JPEG file; `jpeg=` in the
         API), clip the output's block-DCT coefficients into the JPEG's quantization intervals,
         which hold the original's. False: never.
+    gate: where the engine dir carries a measured high-QF gate, blend the output toward the
+        JPEG's decode by its weight at the image's quality (runtime/gate.py). False: never.
     """
 
     backend: str = "auto"         # auto: each component's backend from the manifest; ort; trt
@@ -98,6 +100,8 @@ class RestoreOptions:
     #                               green cast); False: as the UNet restores it
     jpeg_constraint: bool = True  # where the input's JPEG tables are given, project the output
     #                               onto their quantization intervals (runtime/jpegqcs.py)
+    gate: bool = True             # blend toward the JPEG's decode where the manifest's gate
+    #                               says the model stops helping (runtime/gate.py)
 
 
 def validate_options(opts: RestoreOptions) -> None:
@@ -119,7 +123,7 @@ def validate_options(opts: RestoreOptions) -> None:
         problems.append(f"tile_batch={opts.tile_batch!r} (expected a positive number of tiles)")
     if not isinstance(opts.io_binding, bool):
         problems.append(f"io_binding={opts.io_binding!r} (expected True or False)")
-    for name in ("keep_colour", "jpeg_constraint"):
+    for name in ("keep_colour", "jpeg_constraint", "gate"):
         if not isinstance(getattr(opts, name), bool):
             problems.append(f"{name}={getattr(opts, name)!r} (expected True or False)")
     if not isinstance(opts.threads, int) or opts.threads < 0:

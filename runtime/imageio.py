@@ -25,7 +25,8 @@ from .config import (DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, FORMAT_MAX_SIDE, OUTPU
                      TEMP_PATTERN)
 from . import datacheck, decodelog
 from .errors import ImageError
-from .jpegqcs import JpegTables, tables_of
+from .jpegcoef import jpeg_of
+from .jpegqcs import JpegTables
 from .jpegqf import estimate_quality
 
 EXIF_ORIENTATION = 0x0112
@@ -47,8 +48,8 @@ class ImageFile:
     mode: str                     # Pillow's mode of the file, for reports
     format: str | None            # Pillow's format name of the file
     warnings: tuple[str, ...] = ()  # what the decoders warned about, one line each
-    jpeg: JpegTables | None = None  # a JPEG's tables, when its pixels are the decoder's as
-    #                                 they were (no EXIF rotation): the quantization constraint
+    jpeg: JpegTables | None = None  # a JPEG's tables, coefficients and EXIF orientation, when
+    #                                 its pixels are the decoder's: the quantization constraint
 
 
 @contextlib.contextmanager
@@ -71,27 +72,27 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageF
     if not path.is_file():
         raise ImageError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     return _decode(path, str(path), lambda: path.stat().st_size, max_pixels,
-                   lambda: open(path, "rb"))
+                   lambda: open(path, "rb"), path)
 
 
 def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFile:
     """`read_image` for a file already in memory (an HTTP body, an object store's file);
     `name` starts its error messages."""
     return _decode(io.BytesIO(data), name, lambda: len(data), max_pixels,
-                   lambda: io.BytesIO(data))
+                   lambda: io.BytesIO(data), data)
 
 
-def _decode(source, name: str, size, max_pixels: int, reopen) -> ImageFile:
+def _decode(source, name: str, size, max_pixels: int, reopen, raw) -> ImageFile:
     """Decode `source` (a path or a binary file object); `size()` gives its length in bytes,
-    `reopen()` a fresh binary file object of it (for the completeness checks)."""
+    `reopen()` a fresh binary file object of it (for the completeness checks), `raw` its path
+    or bytes (for the JPEG coefficient reader)."""
     log = decodelog.DecodeLog()  # filled by capture(); named here for the error paths
     try:
         with decodelog.capture(log), _bomb_guard(max_pixels), Image.open(source) as im:
             fmt, qf, mode = im.format, estimate_quality(im), im.mode
             im.load()  # decode now: truncation and corruption surface here
             _check_complete(im, reopen, size(), log)
-            upright = im.getexif().get(EXIF_ORIENTATION, 1) in (1, None)
-            jpeg = tables_of(im) if upright else None
+            jpeg = jpeg_of(im, raw)
             ImageOps.exif_transpose(im, in_place=True)  # no second full-size copy
             array, icc = _to_array(im, im.info.get("icc_profile"))
             exif = _exif_bytes(im)
@@ -309,6 +310,7 @@ def write_image(path: str | Path, array: np.ndarray, icc: bytes | None = None,
         # The pid in the name lets a later run tell a dead writer's leftovers (stale_temps).
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
                                    dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from other readers
         with os.fdopen(fd, "wb") as f:
             _save(im, f, fmt, icc, exif, quality)
             f.flush()
@@ -321,6 +323,20 @@ def write_image(path: str | Path, array: np.ndarray, icc: bytes | None = None,
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux says it (/proc), since
+    os.umask(x) changes it for every thread at once while it is read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def stale_temps(folder: Path) -> list[Path]:

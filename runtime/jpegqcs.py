@@ -11,20 +11,22 @@ projection adds the same correction to every pixel of a cell.
 
 Not part of the SODiff paper: a post-processing step of this runtime, applied only when the
 input's quantization tables are known (a JPEG file's header, or `JpegTables.ijg(qf)` for a
-standard-table JPEG) and its pixels are the decoder's output as they were (no EXIF rotation,
-no ICC conversion). k comes from the decoded pixels themselves: their DCT is k q up to the
-decoder's rounding and chroma upsampling, far inside an interval at the qualities where the
-constraint matters. numpy only; works in strips of one MCU row, so memory does not grow with
-the image.
+standard-table JPEG) and its pixels are the decoder's output on the file's own grid (before any
+EXIF rotation, no ICC conversion). k is the file's own where it could be read
+(runtime/jpegcoef.py: `JpegTables.coefficients`); else it is estimated from the decoded pixels,
+whose DCT is k q up to the decoder's rounding, clipping and chroma upsampling: right almost
+everywhere at low quality, wrong for a few percent of coefficients at QF >= 80, where a step
+is 1-3. numpy only; works in strips of one MCU row, so memory does not grow with the image.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from .jpegqf import _natural, _tables
+from .orient import check_orientation
 
 _N = np.arange(8)
 # The orthonormal 8-point DCT-II matrix: coefficients = D @ block @ D.T.
@@ -42,6 +44,13 @@ class JpegTables:
 
     tables: tuple[tuple[int, ...], ...]   # per plane (Y or Y, Cb, Cr): 64 steps, natural order
     factors: tuple[tuple[int, int], ...]  # per plane: (rows, cols) of pixels per sample
+    # per plane, the file's quantized coefficients k: int16 [block rows, block cols, 8, 8],
+    # natural order (runtime/jpegcoef.py); None: estimate k from the decoded pixels
+    coefficients: tuple[np.ndarray, ...] | None = field(default=None, compare=False,
+                                                        repr=False)
+    # EXIF orientation of the file: the image given to the Restorer is upright, and it is
+    # restored turned back onto the stored grid, where the blocks are (runtime/orient.py)
+    orientation: int = 1
 
     @classmethod
     def ijg(cls, quality: int, grey: bool = False, subsampling: str = "4:2:0") -> "JpegTables":
@@ -60,6 +69,11 @@ class JpegTables:
     @property
     def grey(self) -> bool:
         return len(self.tables) == 1
+
+    @property
+    def source(self) -> str:
+        """Where the constraint's k comes from: "file" (read) or "estimated" (from pixels)."""
+        return "estimated" if self.coefficients is None else "file"
 
 
 def tables_of(im: Image.Image) -> JpegTables | None:
@@ -95,6 +109,19 @@ def check_tables(jpeg: JpegTables, image: np.ndarray) -> None:
     if image.shape[2:] != (() if jpeg.grey else (3,)):
         raise ValueError(f"jpeg tables of {len(jpeg.tables)} plane(s) for an image of shape "
                          f"{image.shape}: a grey JPEG is HxW, a colour one HxWx3")
+    check_orientation(jpeg.orientation)
+    if jpeg.coefficients is not None:
+        want = [block_grid(image.shape[:2], f) for f in jpeg.factors]
+        got = [tuple(k.shape) for k in jpeg.coefficients]
+        if got != [(*w, 8, 8) for w in want]:
+            raise ValueError(f"jpeg coefficients of shapes {got} for a {image.shape[1]}x"
+                             f"{image.shape[0]} image (expected {want} blocks of 8x8): they "
+                             f"belong to another image, or to it before a rotation")
+
+
+def block_grid(shape: tuple[int, int], factor: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of 8x8 blocks of a plane sampled every `factor` pixels of an HxW image."""
+    return -(-shape[0] // (8 * factor[0])), -(-shape[1] // (8 * factor[1]))
 
 
 def constrain(out: np.ndarray, lq: np.ndarray, jpeg: JpegTables) -> None:
@@ -106,21 +133,31 @@ def constrain(out: np.ndarray, lq: np.ndarray, jpeg: JpegTables) -> None:
         rows = slice(y, y + step)
         if jpeg.grey:
             o = out[rows].astype(np.float64)
-            o = _project(o, lq[rows].astype(np.float64), jpeg.tables[0], (1, 1), 128.0)
+            o = _project(o, lq[rows].astype(np.float64), jpeg.tables[0], (1, 1), 128.0,
+                         _strip(jpeg, 0, y, step))
             out[rows] = np.clip(np.round(o), 0, 255)
             continue
         o, j = out[rows] @ _TO_YCC.T, lq[rows] @ _TO_YCC.T
         for c in range(3):
             o[..., c] = _project(o[..., c], j[..., c], jpeg.tables[c], jpeg.factors[c],
-                                 128.0 if c == 0 else 0.0)
+                                 128.0 if c == 0 else 0.0, _strip(jpeg, c, y, step))
         out[rows] = np.clip(np.round(o @ _TO_RGB.T), 0, 255)
 
 
+def _strip(jpeg: JpegTables, plane: int, y: int, step: int) -> np.ndarray | None:
+    """The file's k of one plane for the pixel rows y..y+step (one MCU row), or None."""
+    if jpeg.coefficients is None:
+        return None
+    rows = 8 * jpeg.factors[plane][0]
+    return jpeg.coefficients[plane][y // rows:(y + step) // rows]
+
+
 def _project(out: np.ndarray, lq: np.ndarray, table: tuple[int, ...],
-             factor: tuple[int, int], level: float) -> np.ndarray:
+             factor: tuple[int, int], level: float, k: np.ndarray | None = None) -> np.ndarray:
     """One plane of a strip: block-DCT clipping, in the plane's sampled grid. `level`: the
     encoder's level shift (128 for Y; the chroma planes here are centred already), which puts
-    the DC intervals where the encoder's are."""
+    the DC intervals where the encoder's are. `k`: the file's coefficients of the strip's
+    blocks (None: estimated from `lq`)."""
     h, w = out.shape
     fy, fx = factor
     # libjpeg extends a partial MCU by repeating the last row and column.
@@ -131,8 +168,8 @@ def _project(out: np.ndarray, lq: np.ndarray, table: tuple[int, ...],
         o = o.reshape(o.shape[0] // fy, fy, o.shape[1] // fx, fx).mean((1, 3))
         j = j.reshape(j.shape[0] // fy, fy, j.shape[1] // fx, fx).mean((1, 3))
     q = np.asarray(table, np.float64).reshape(8, 8)
-    co, cj = _dct(o - level), _dct(j - level)
-    k = np.round(cj / q)
+    co = _dct(o - level)
+    k = np.round(_dct(j - level) / q) if k is None else k.astype(np.float64)
     delta = _idct(np.clip(co, (k - 0.5) * q, (k + 0.5) * q) - co)
     if fy * fx > 1:
         delta = delta.repeat(fy, 0).repeat(fx, 1)

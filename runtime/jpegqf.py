@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 
+import numpy as np
 from PIL import Image
 
 # ITU-T T.81 Annex K tables (libjpeg's std_luminance/chrominance_quant_tbl), natural order.
@@ -86,3 +87,11 @@ def quality_from_tables(tables: dict | None) -> int | None:
 def estimate_quality(im: Image.Image) -> int | None:
     """The IJG quality factor of an opened JPEG (None: not a JPEG, or non-IJG tables)."""
     return quality_from_tables(getattr(im, "quantization", None) or None)
+
+
+def equivalent_quality(luma: tuple[int, ...]) -> int:
+    """The IJG quality whose luma table is nearest to `luma` (natural order) in mean log step:
+    a camera's or another encoder's custom table placed on the IJG scale, for the gate."""
+    want = np.log(np.maximum(np.asarray(luma, np.float64), 1))
+    return min(_tables(), key=lambda q: float(np.abs(
+        np.log(np.asarray(_tables()[q][0], np.float64)) - want).mean()))

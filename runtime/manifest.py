@@ -15,6 +15,7 @@ from .config import (ALWAYS, BACKENDS, COMPONENT_IO, DTYPES, FORMAT, FORMAT_VERS
                      MANIFEST, MAX_ENGINE_BATCH, MAX_ENGINE_SIDE, MAX_MANIFEST_BYTES,
                      MAX_MANIFEST_DEPTH, TIMESTEP_MODES)
 from .errors import EngineDirError
+from .gate import Gate
 
 REEXPORT = "re-export the dir with sodiff-export"
 
@@ -59,6 +60,7 @@ class Manifest:
     components: dict[str, ComponentSpec]
     raw: dict[str, Any]           # the parsed JSON, for reports
     batch: tuple[int, int] = (1, 1)  # (min, max) batch the engines take
+    gate: Gate | None = None      # the measured high-QF gate (runtime/gate.py); None: none
 
     @property
     def predicted(self) -> bool:
@@ -187,7 +189,7 @@ def _parse(root: Path, d: dict[str, Any]) -> Manifest:
         latent_channels=_pos_int(image["latent_channels"], "image.latent_channels"),
         static=shapes["mode"] == "static" or lo == hi, min_shape=lo, max_shape=hi,
         components={c: _component(root, c, comps[c], mode) for c in wanted}, raw=d,
-        batch=_batch(shapes))
+        batch=_batch(shapes), gate=None if d.get("gate") is None else Gate.from_dict(d["gate"]))
     _check_agreement(man)
     return man
 

@@ -3,8 +3,11 @@
 decode -> [-1, 1] -> SAIPE prompt (image resized to saipe_size) -> tau (predictor on native
 pixels, the manifest's fixed value, or the JPEG header's QF) -> per tile: pad bottom/right,
 VAE encoder, UNet, VAE decoder, the input tile's mean colour (`keep_colour`), crop ->
-feathered blend -> uint -> the JPEG quantization constraint where the input's tables are known
-(runtime/jpegqcs.py). The prompt and tau are computed once per image; tiles go to the
+feathered blend -> uint -> the high-QF gate's blend toward the JPEG (runtime/gate.py) -> the
+JPEG quantization constraint where the input's tables are known (runtime/jpegqcs.py). A JPEG
+with an EXIF orientation is restored on its stored grid and turned upright at the end
+(runtime/orient.py), so that the predictor, the tiles and the constraint see its 8x8 blocks
+where they are. The prompt and tau are computed once per image; tiles go to the
 engines in batches (`tile_batch`, runtime/tiles.py) and blend through a band of rows, so memory
 beyond the input and output arrays does not grow with the image. Between the encoder, UNet
 and decoder the latents stay on the device (IO binding).
@@ -20,15 +23,18 @@ from typing import Callable
 import numpy as np
 
 from .backends import Component, Tensor, open_engines
-from .config import (DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, JPEG_BLOCK, NEUTRAL_CHECK_PIXELS,
-                     RestoreOptions, validate_options)
+from .config import (DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, JPEG_BLOCK, RestoreOptions,
+                     validate_options)
 from .geometry import Geometry, plan_geometry
-from .jpegqcs import JpegTables, check_tables, constrain, tables_of
+from .gate import settle
+from .jpegqcs import JpegTables, check_tables, tables_of
+from .jpegqf import equivalent_quality
 from .manifest import Manifest, read_manifest
+from .orient import stored, upright
 from .resize import resize_rows
-from .tiles import (SCALES, Band, Layout, Source, TileJob, batch_limits, in_batches,
-                    keep_mean_colour, pad_batch, pad_bottom_right, plan_layout,
-                    plan_tile_batch, tile_jobs)
+from .tiles import (Band, Layout, Neutral, Source, TileJob, batch_limits, in_batches,
+                    is_neutral, keep_mean_colour, pad_batch, pad_bottom_right, plan_layout,
+                    plan_tile_batch, split_alpha, tile_jobs)
 from .tiling import crop_starts
 
 STAGES = ("saipe", "predictor", "vae_encoder", "unet", "vae_decoder")
@@ -45,7 +51,10 @@ class _Image:
     prompt: np.ndarray            # [1, 77, D] float32, SAIPE's, computed once
     tau: float                    # the timestep, computed once
     layout: Layout                # its tiles
-    info: dict                    # tau's source and the QFs, for restore_info
+    info: dict                    # tau's source, the QFs and the gate, for restore_info
+    lq: np.ndarray                # the input on the grid restored (a JPEG's stored one)
+    weight: float = 1.0           # the gate's weight of the restoration (1: not gated)
+    orientation: int = 1          # EXIF orientation to turn the output upright by
     jpeg: JpegTables | None = None  # the input's JPEG tables, for the quantization constraint
     band: Band | None = None      # the blending band while its tiles are in flight
     done: int = 0                 # tiles blended so far
@@ -89,48 +98,6 @@ class _Conditioning:
                     "timestep", np.array([o.tau for o in owners], np.float32))
             self.key = key
         return self.feeds
-
-
-def is_neutral(colour: np.ndarray) -> bool:
-    """Whether an RGB array has R = G = B at every pixel, read a band of rows at a time (and
-    given up at the first band with colour)."""
-    if colour.ndim != 3:
-        return False
-    rows = max(1, NEUTRAL_CHECK_PIXELS // max(1, colour.shape[1]))
-    for y in range(0, colour.shape[0], rows):
-        part = colour[y:y + rows]
-        if not (np.array_equal(part[..., 0], part[..., 1]) and
-                np.array_equal(part[..., 1], part[..., 2])):
-            return False
-    return True
-
-
-class _Neutral:
-    """A grey destination over an RGB output: each grey row written goes to all three."""
-
-    ndim = 2
-
-    def __init__(self, rgb: np.ndarray):
-        self.rgb, self.dtype = rgb, rgb.dtype
-
-    def __setitem__(self, rows, grey: np.ndarray) -> None:
-        self.rgb[rows] = grey[..., None]
-
-
-def _split_alpha(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    if not isinstance(image, np.ndarray) or image.dtype not in SCALES:
-        raise ValueError(f"image must be a uint8 or uint16 numpy array, got "
-                         f"{getattr(image, 'dtype', type(image).__name__)}")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[..., 0]
-    ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (2, 3, 4))
-    if not ok or image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image must be HxW, HxWx1 (grey), HxWx2 (grey+alpha), HxWx3 (RGB) or "
-                         f"HxWx4 (RGBA) and non-empty, got shape {image.shape}")
-    if image.ndim == 3 and image.shape[2] in (2, 4):
-        return image[..., :-1].squeeze(-1) if image.shape[2] == 2 else image[..., :3], \
-            image[..., -1]
-    return image, None
 
 
 class Restorer:
@@ -204,12 +171,12 @@ class Restorer:
         ms, start = dict.fromkeys(STAGES, 0.0), time.perf_counter()
         im = self._prepare(image, qf, ms, jpeg)
         batches = self._restore_tiles([im], ms, progress)
-        self._constrain(im, image)
+        out = self._finish(im)
         ms["total"] = (time.perf_counter() - start) * 1000
         tiles = {**im.layout.info(), "batch": self.tile_batch, "batches": batches}
-        info = {**im.info, "size": [im.src.w, im.src.h], "tiles": tiles,
+        info = {**im.info, "size": [out.shape[1], out.shape[0]], "tiles": tiles,
                 "ms": {k: round(v, 2) for k, v in ms.items()}}
-        return im.out, info
+        return out, info
 
     def restore_batch(self, images: list[np.ndarray], qfs: list[int | None] | None = None,
                       jpegs: list[JpegTables | None] | None = None) -> list[np.ndarray]:
@@ -233,21 +200,21 @@ class Restorer:
             groups.setdefault((im.layout.th, im.layout.tw), []).append(im)
         for group in groups.values():
             self._restore_tiles(group, ms, None)
-        for im, image in zip(todo, images):
-            self._constrain(im, image)
-        return [im.out for im in todo]
+        return [self._finish(im) for im in todo]
 
     # -- stages -----------------------------------------------------------------------------
     def _prepare(self, image: np.ndarray, qf: int | None, ms: dict,
                  jpeg: JpegTables | None = None) -> _Image:
         """Check the array, compute its prompt and tau, and make its output. An RGB image
         whose every pixel is grey goes the grey path (restored colour would be a tint)."""
-        colour, alpha = _split_alpha(image)
         if jpeg is not None:
             if not isinstance(jpeg, JpegTables):
                 raise ValueError(f"jpeg={type(jpeg).__name__}: expected runtime.JpegTables "
                                  f"(JpegTables.ijg(qf), or tables_of an opened JPEG) or None")
+            if isinstance(image, np.ndarray) and jpeg.orientation != 1:
+                image = np.ascontiguousarray(stored(image, jpeg.orientation))
             check_tables(jpeg, image)
+        colour, alpha = split_alpha(image)
         neutral = is_neutral(colour)
         src = Source(colour[..., 0] if neutral else colour)
         prompt = self._prompt(src, ms)
@@ -258,17 +225,40 @@ class Restorer:
         dest = out.reshape(colour.shape) if alpha is None else (
             out[..., :3] if colour.ndim == 3 else out[..., 0])
         if neutral:
-            dest = _Neutral(dest)
+            dest = Neutral(dest)
         on = jpeg is not None and self.options.jpeg_constraint
+        gate = self._gate(jpeg, qf, qf_pred)
         info = {"tau": tau, "tau_source": source, "qf_predicted": qf_pred, "qf_header": qf,
-                "neutral": neutral, "jpeg_constraint": on}
+                "neutral": neutral, "jpeg_constraint": on,
+                "constraint_k": jpeg.source if on else None, "gate": gate}
         return _Image(src, out, dest, prompt, tau, plan_layout(self.geometry, src.h, src.w),
-                      info, jpeg if on else None)
+                      info, image, 1.0 if gate is None else gate["weight"],
+                      1 if jpeg is None else jpeg.orientation, jpeg if on else None)
+
+    def _gate(self, jpeg: JpegTables | None, qf: int | None, qf_pred: float | None
+              ) -> dict | None:
+        """The gate's weight for one image and the quality it was read at: the file's tables
+        (their nearest IJG quality), else the header QF given, else the predictor's."""
+        gate = self.manifest.gate
+        if gate is None or not self.options.gate:
+            return None
+        if jpeg is not None:
+            at, source = float(equivalent_quality(jpeg.tables[0])), "tables"
+        elif qf is not None:
+            at, source = float(qf), "header"
+        elif qf_pred is not None:
+            at, source = float(qf_pred), "predictor"
+        else:
+            return None  # a fixed-tau dir without tables: no quality to read the curve at
+        return {"weight": round(gate.weight_at(at), 4), "qf": round(at, 2), "qf_source": source}
 
     @staticmethod
-    def _constrain(im: _Image, image: np.ndarray) -> None:
-        if im.jpeg is not None:
-            constrain(im.out, image, im.jpeg)
+    def _finish(im: _Image) -> np.ndarray:
+        """The gate's blend toward the input, the quantization constraint, and the output
+        turned upright where the input was a rotated JPEG."""
+        settle(im.out, im.lq, im.jpeg, im.weight)
+        o = im.orientation
+        return im.out if o == 1 else np.ascontiguousarray(upright(im.out, o))
 
     def _single(self, name: str, x: np.ndarray) -> dict[str, np.ndarray]:
         """One image through SAIPE or the predictor (padded to the engines' smallest batch)."""

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .config import LUMA, RestoreOptions
+from .config import LUMA, NEUTRAL_CHECK_PIXELS, RestoreOptions
 from .errors import EngineDirError
 from .geometry import Geometry
 from .manifest import Manifest
@@ -235,3 +235,46 @@ def pad_batch(blocks: list[np.ndarray], least: int) -> np.ndarray:
     batch is above N); the repeats' outputs are dropped."""
     return np.concatenate(blocks + blocks[-1:] * max(0, least - len(blocks)), axis=0)
 
+
+def is_neutral(colour: np.ndarray) -> bool:
+    """Whether an RGB array has R = G = B at every pixel, read a band of rows at a time (and
+    given up at the first band with colour)."""
+    if colour.ndim != 3:
+        return False
+    rows = max(1, NEUTRAL_CHECK_PIXELS // max(1, colour.shape[1]))
+    for y in range(0, colour.shape[0], rows):
+        part = colour[y:y + rows]
+        if not (np.array_equal(part[..., 0], part[..., 1]) and
+                np.array_equal(part[..., 1], part[..., 2])):
+            return False
+    return True
+
+
+class Neutral:
+    """A grey destination over an RGB output: each grey row written goes to all three."""
+
+    ndim = 2
+
+    def __init__(self, rgb: np.ndarray):
+        self.rgb, self.dtype = rgb, rgb.dtype
+
+    def __setitem__(self, rows, grey: np.ndarray) -> None:
+        self.rgb[rows] = grey[..., None]
+
+
+def split_alpha(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The colour part (HxW or HxWx3) and the alpha channel (or None) of a Restorer input;
+    ValueError naming a dtype or shape the runtime does not take."""
+    if not isinstance(image, np.ndarray) or image.dtype not in SCALES:
+        raise ValueError(f"image must be a uint8 or uint16 numpy array, got "
+                         f"{getattr(image, 'dtype', type(image).__name__)}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (2, 3, 4))
+    if not ok or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image must be HxW, HxWx1 (grey), HxWx2 (grey+alpha), HxWx3 (RGB) or "
+                         f"HxWx4 (RGBA) and non-empty, got shape {image.shape}")
+    if image.ndim == 3 and image.shape[2] in (2, 4):
+        return image[..., :-1].squeeze(-1) if image.shape[2] == 2 else image[..., :3], \
+            image[..., -1]
+    return image, None

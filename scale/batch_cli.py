@@ -50,7 +50,8 @@ EXIT_FAILED, EXIT_UNUSABLE = 1, 2
               show_default=True, help="Reruns of the unfinished images after a worker dies.")
 def main(src, dst, engine, workers, cpus_per_worker, gpus_per_worker, address, threads, fmt,
          quality, overwrite, backend, device, tile, overlap, tile_batch, timestep, max_pixels,
-         no_verify, no_keep_colour, no_jpeg_constraint, report_path, retries):
+         no_verify, no_keep_colour, no_jpeg_constraint, no_gate, report_path,
+         retries):
     """Restore every image of SRC into the folder DST on a Ray cluster.
 
     SRC: a folder (searched recursively), a glob pattern, or a .txt/.lst/.csv file listing
@@ -72,7 +73,7 @@ def main(src, dst, engine, workers, cpus_per_worker, gpus_per_worker, address, t
     restore = RestoreOptions(backend=backend, device=device, tile=tile, overlap=overlap,
                              tile_batch=tile_batch, timestep=timestep, threads=threads,
                              verify_hashes=not no_verify, keep_colour=not no_keep_colour,
-                             jpeg_constraint=not no_jpeg_constraint)
+                             jpeg_constraint=not no_jpeg_constraint, gate=not no_gate)
     try:
         validate_cluster(cluster)
         check_engine(engine, restore)

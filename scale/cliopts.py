@@ -20,12 +20,13 @@ _OPTIONS = (
     click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files."),
     click.option("--no-keep-colour", is_flag=True, help="As sodiff-run's."),
     click.option("--no-jpeg-constraint", is_flag=True, help="As sodiff-run's."),
+    click.option("--no-gate", is_flag=True, help="As sodiff-run's."),
 )
 
 
 def restore_options(command):
     """Add the Restorer's options (backend, device, tile, overlap, tile batch, timestep,
-    no-verify, no-keep-colour, no-jpeg-constraint) to a click command."""
+    no-verify, no-keep-colour, no-jpeg-constraint, no-gate) to a click command."""
     for option in reversed(_OPTIONS):
         command = option(command)
     return command

@@ -48,7 +48,8 @@ EXIT_UNUSABLE = 2
 @restore_options
 def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, port,
          max_bytes, max_pixels, quality, address, threads, backend, device, tile, overlap,
-         tile_batch, timestep, no_verify, no_keep_colour, no_jpeg_constraint):
+         tile_batch, timestep, no_verify, no_keep_colour, no_jpeg_constraint,
+         no_gate):
     """Serve restoration over HTTP: POST an image to /restore[?format=png|jpg|webp], get the
     restored image back (tau, QF and timings in X-SODiff-* and Server-Timing headers).
     GET /healthz reports liveness. Ctrl-C (or SIGTERM) stops the server."""
@@ -60,7 +61,7 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
     restore = RestoreOptions(backend=backend, device=device, tile=tile, overlap=overlap,
                              tile_batch=tile_batch, timestep=timestep, threads=threads,
                              verify_hashes=not no_verify, keep_colour=not no_keep_colour,
-                             jpeg_constraint=not no_jpeg_constraint)
+                             jpeg_constraint=not no_jpeg_constraint, gate=not no_gate)
     try:
         check_engine(engine, restore)
         if address is None:

@@ -177,6 +177,11 @@ def _headers(info: dict, batch: int) -> dict[str, str]:
         headers[p + "QF"] = f"{info['qf_predicted']:.2f}"
     if info.get("qf_header") is not None:
         headers[p + "QF-Header"] = str(info["qf_header"])
+    if info.get("gate") is not None:  # the weight kept of the restoration, and the QF read
+        g = info["gate"]
+        headers[p + "Gate"] = f"{g['weight']:.4g}; qf={g['qf']:g}; source={g['qf_source']}"
+    if info.get("constraint_k") is not None:
+        headers[p + "Constraint"] = str(info["constraint_k"])
     return headers
 
 

@@ -463,3 +463,38 @@ def test_latency_times_the_bundled_checkpoint(tmp_path):
     assert not doc["errors"], doc["errors"]
     assert doc["model"]["params"]["predictor"] > 0
     assert {r["module"] for r in doc["measurements"]} == {"predictor", "pipeline"}
+
+
+# ---- gate ---------------------------------------------------------------------------------
+
+def test_gate_benchmark_writes_every_weight_and_resumes(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from benchmarks.gate import main
+    from export.gate import WEIGHTS
+    from fixtures.runtime_engines import edit_manifest, identity_engine
+    engine = identity_engine(tmp_path / "engine")
+    edit_manifest(engine, lambda m: m.update(gate={"form": "blend", "qf": [10, 90],
+                                                   "weight": [1.0, 0.0], "source": None}))
+    data = _small_grey_set(tmp_path / "data")
+    args = ["--engine", str(engine), "--sets", "Classic5", "--qf", "10,90", "--data", str(data),
+            "--out", str(tmp_path / "out"), "--name", "g"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "out" / "g.json").read_text())
+    rows = doc["gain_db"]["Classic5"]["90"]["waves.png"]
+    assert len(rows) == len(WEIGHTS) and rows[0] == 0.0  # weight 0: the JPEG itself
+    table = (tmp_path / "out" / "g.md").read_text()
+    assert "| Classic5 | 90 | 1 |" in table and "| 0 | +0.00 / +0.00 |" in table
+    (tmp_path / "data" / "Classic5" / "waves.png").unlink()  # resumed: nothing to read again
+    from PIL import Image
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(tmp_path / "data" / "Classic5" /
+                                                       "waves.png")
+    fit = tmp_path / "gate.json"
+    assert CliRunner().invoke(main, args + ["--fit", str(fit)]).exit_code == 0
+    assert json.loads((tmp_path / "out" / "g.json").read_text())["gain_db"] == doc["gain_db"]
+    gate = json.loads(fit.read_text())
+    assert gate["qf"] == [10, 90] and gate["source"]["sets"] == {"Classic5": 1}
+    assert gate["weight"][1] <= gate["weight"][0]

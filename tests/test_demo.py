@@ -70,11 +70,18 @@ def test_bundled_checkpoint_is_small_and_self_contained():
     assert model.cfg.lora is None and model.cfg.vae_class == "AutoencoderTiny"
 
 
-@needs_bundled
-def test_bundled_model_restores_a_real_photo(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
     pytest.importorskip("skimage")
+    tmp_path = tmp_path_factory.mktemp("demo")
     result = run_demo(DemoOptions(image="chelsea", qf=10, out=tmp_path / "out",
                                   engine=tmp_path / "engine", threads=2), log=lambda m: None)
+    return result, tmp_path / "engine"
+
+
+@needs_bundled
+def test_bundled_model_restores_a_real_photo(demo_run):
+    result = demo_run[0]
     j, r = result.metrics["jpeg"], result.metrics["restored"]
     assert r["psnr"] > j["psnr"] and r["psnr_b"] > j["psnr_b"], result.metrics
     restored = np.asarray(Image.open(result.files["restored"]))
@@ -85,6 +92,28 @@ def test_bundled_model_restores_a_real_photo(tmp_path, capsys):
         assert im.width == 3 * figure.PANEL
     text = summary(result)
     assert "PSNR-B" in text and "unet" in text and str(result.files["comparison"]) in text
+
+
+@needs_bundled
+@pytest.mark.parametrize("qf", [80, 90, 95])
+def test_the_bundled_gate_never_makes_a_high_quality_jpeg_worse(demo_run, qf):
+    import io
+
+    from skimage import data
+
+    from runtime import Restorer
+    from runtime.imageio import decode_image
+    from sodiff.metrics import psnr
+    clean = data.coffee()[100:228, 200:392].copy()  # not a training or gate-fitting image
+    buf = io.BytesIO()
+    Image.fromarray(clean).save(buf, "JPEG", quality=qf)
+    img = decode_image(buf.getvalue(), "coffee.jpg")
+    with Restorer(demo_run[1], threads=2) as r:
+        assert r.manifest.gate is not None  # carried from weights/tiny/gate.json
+        out, info = r.restore_info(img.array, img.qf, jpeg=img.jpeg)
+    assert info["gate"]["qf_source"] == "tables" and info["gate"]["qf"] == qf
+    assert info["gate"]["weight"] == r.manifest.gate.weight_at(qf)
+    assert psnr(out, clean) >= psnr(img.array, clean)
 
 
 def test_foreign_engine_folder_is_refused_and_kept(tmp_path):

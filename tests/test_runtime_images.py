@@ -316,3 +316,17 @@ def test_unwritable_folder_names_the_output_not_the_temporary_file(tmp_path, mon
         ro.chmod(0o555)
         with pytest.raises(ImageError, match=r"ro/y\.png: cannot write it \(Permission denied"):
             write_image(ro / "y.png", np.zeros((4, 4, 3), np.uint8))
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_get_the_mode_the_umask_gives_new_files(tmp_path, umask, mode):
+    """Not the temporary file's 0600: a web server or another user must read the output as
+    they would any file the user makes (issue 29)."""
+    old = os.umask(umask)
+    try:
+        write_image(tmp_path / "out.png", np.zeros((4, 4, 3), np.uint8))
+        (tmp_path / "plain").write_bytes(b"")  # what open() makes under this umask
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.png").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == mode

@@ -168,14 +168,16 @@ def test_restore_batch_and_pil_jpegs_carry_their_tables(engine, photo):
             r.restore(lq, jpeg={"luma": 1})
 
 
-def test_decoded_files_carry_tables_unless_rotated(photo):
+def test_decoded_files_carry_tables_also_when_rotated(photo):
     _, tables, data = _jpeg(photo, 30)
     assert decode_image(data, "a.jpg").jpeg == tables
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotated: the pixels are no longer the decoder's grid
+    exif[0x0112] = 6  # rotated: the tables hold on the stored grid, which the Restorer uses
     buf = io.BytesIO()
     Image.fromarray(photo).save(buf, "JPEG", quality=30, exif=exif.tobytes())
-    assert decode_image(buf.getvalue(), "b.jpg").jpeg is None
+    rotated = decode_image(buf.getvalue(), "b.jpg")
+    assert rotated.jpeg.tables == tables.tables and rotated.jpeg.orientation == 6
+    assert rotated.array.shape == (photo.shape[1], photo.shape[0], 3)
     buf = io.BytesIO()
     Image.fromarray(photo).save(buf, "PNG")
     assert decode_image(buf.getvalue(), "c.png").jpeg is None

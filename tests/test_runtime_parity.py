@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import BLOCK_TORCH, shared_data
 from fixtures.runtime_engines import tiny_engine
 from runtime import Restorer
-from runtime.jpegqcs import tables_of
+from runtime.imageio import read_image
 from tolerance import assert_pixels_close
 
 pytestmark = pytest.mark.slow
@@ -111,11 +111,10 @@ def test_tiny_and_thin_images_restore_without_error(tiny, shape):
 def test_cli_restores_with_torch_unimportable_like_the_api(tiny, tmp_path):
     image = lq_crop(*CROPS[0])
     Image.fromarray(image).save(tmp_path / "a.jpg", quality=95)
-    with Image.open(tmp_path / "a.jpg") as im:
-        decoded, tables = np.asarray(im.convert("RGB")), tables_of(im)
-    with Restorer(tiny[0]) as r:  # the CLI reads the file's tables: the JPEG constraint
-        expected = r.restore(decoded, jpeg=tables)
-        assert not np.array_equal(expected, r.restore(decoded))
+    img = read_image(tmp_path / "a.jpg")
+    with Restorer(tiny[0]) as r:  # the CLI reads the file's tables and coefficients
+        expected = r.restore(img.array, jpeg=img.jpeg)
+        assert not np.array_equal(expected, r.restore(img.array))
     code = BLOCK_TORCH + f"""
 import sys
 from runtime.cli import main

@@ -106,6 +106,8 @@ def test_fifty_concurrent_requests_equal_sodiff_run(server, photos, reference):
         assert data == reference[path.stem + ".png"]
         assert 0 < float(headers["X-SODiff-Tau"]) < 1000 and "total;dur=" in \
             headers["Server-Timing"]
+        if path.suffix == ".jpg":  # the exact constraint, from the file's own coefficients
+            assert headers["X-SODiff-Constraint"] == "file"
         batches.append(int(headers["X-SODiff-Batch"]))
     assert max(batches) > 1, "no two concurrent requests met in one @serve.batch call"
 
