@@ -27,6 +27,7 @@ from .config import (DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, JPEG_BLOCK, RestoreOpt
                      validate_options)
 from .geometry import Geometry, plan_geometry
 from .gate import settle
+from .jpegcoef import with_coefficients
 from .jpegqcs import JpegTables, check_tables, tables_of
 from .jpegqf import equivalent_quality
 from .manifest import Manifest, read_manifest
@@ -138,7 +139,7 @@ class Restorer:
         RGB/RGBA). `qf`: the JPEG quality factor, for `timestep="header"` only. `jpeg`: the
         input's quantization tables (`JpegTables.ijg(qf)`, or `tables_of` an opened JPEG
         file), to make the output consistent with them (runtime/jpegqcs.py); a PIL JPEG's
-        are read from it."""
+        are read from it, with its coefficients when it was opened from a file."""
         if qf is not None and self.options.timestep != "header":
             raise ValueError(f"qf={qf} is only used with timestep='header' (this Restorer "
                              f"predicts tau: timestep={self.options.timestep!r}); drop qf, or "
@@ -147,6 +148,9 @@ class Restorer:
             from .imageio import from_pil, to_pil
             if jpeg is None:
                 jpeg = tables_of(image)
+                name = getattr(image, "filename", "")  # opened from a file: its coefficients
+                if name and Path(name).is_file():
+                    jpeg = with_coefficients(jpeg, name, (image.height, image.width))
             return to_pil(self.restore_info(from_pil(image), qf, jpeg=jpeg)[0], image)
         return self.restore_info(image, qf, jpeg=jpeg)[0]
 

@@ -98,3 +98,21 @@ def test_without_jpeglib_the_estimate_runs_and_the_report_says_so(tmp_path, monk
     assert img.jpeg is not None and img.jpeg.coefficients is None
     assert img.jpeg.source == "estimated"
     assert report_line(constraint_k=img.jpeg.source)["constraint_k"] == "estimated"
+
+
+def test_a_pil_jpeg_opened_from_a_file_brings_its_coefficients(tmp_path):
+    from fixtures.runtime_engines import identity_engine
+    from runtime import Restorer
+    from test_runtime_jpegqcs import _blur_decoder
+    rng = np.random.default_rng(6)
+    rgb = np.clip(rng.normal(128, 50, (40, 56, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "n.jpg", quality=95)  # where the estimate errs
+    img = read_image(tmp_path / "n.jpg")
+    with Restorer(identity_engine(tmp_path / "engine")) as r:
+        _blur_decoder(r)
+        exact = r.restore(img.array, jpeg=img.jpeg)
+        estimated = r.restore(img.array, jpeg=JpegTables(img.jpeg.tables, img.jpeg.factors))
+        with Image.open(tmp_path / "n.jpg") as im:
+            got = np.asarray(r.restore(im))
+    assert not np.array_equal(exact, estimated)
+    assert np.array_equal(got, exact)
