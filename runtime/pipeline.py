@@ -188,6 +188,14 @@ class Restorer:
         engines together, across images, up to `tile_batch` a call. Each image keeps its own
         prompt and tau. `qfs`: per image, for `timestep="header"`; `jpegs`: per image, its
         JPEG tables (or None)."""
+        return [out for out, _ in self.restore_batch_info(images, qfs, jpegs)]
+
+    def restore_batch_info(self, images: list[np.ndarray], qfs: list[int | None] | None = None,
+                           jpegs: list[JpegTables | None] | None = None
+                           ) -> list[tuple[np.ndarray, dict]]:
+        """`restore_batch`, with each image's `restore_info` dict; its `ms` are those of the
+        whole call (the engines ran the images' tiles together), `tiles.images` how many
+        images shared it."""
         if not isinstance(images, (list, tuple)):
             raise ValueError(f"restore_batch takes a list of arrays, got "
                              f"{type(images).__name__}")
@@ -196,15 +204,25 @@ class Restorer:
         for name, given in (("qfs", qfs), ("jpegs", jpegs)):
             if len(given) != len(images):
                 raise ValueError(f"restore_batch: {len(given)} {name} for {len(images)} images")
-        ms = dict.fromkeys(STAGES, 0.0)
+        ms, start = dict.fromkeys(STAGES, 0.0), time.perf_counter()
         todo = [self._prepare(image, qf, ms, jpeg)
                 for image, qf, jpeg in zip(images, qfs, jpegs)]
         groups: dict[tuple[int, int], list[_Image]] = {}
         for im in todo:  # the engines batch tensors of one shape
             groups.setdefault((im.layout.th, im.layout.tw), []).append(im)
-        for group in groups.values():
-            self._restore_tiles(group, ms, None)
-        return [self._finish(im) for im in todo]
+        batches = {id(im): self._restore_tiles(group, ms, None)
+                   for group in groups.values() for im in group[:1]}
+        outs = [self._finish(im) for im in todo]
+        ms["total"] = (time.perf_counter() - start) * 1000
+        ms = {k: round(v, 2) for k, v in ms.items()}
+        found = []
+        for im, out in zip(todo, outs):
+            group = groups[(im.layout.th, im.layout.tw)]
+            tiles = {**im.layout.info(), "batch": self.tile_batch,
+                     "batches": batches[id(group[0])], "images": len(group)}
+            found.append((out, {**im.info, "size": [out.shape[1], out.shape[0]], "tiles": tiles,
+                                "ms": dict(ms)}))
+        return found
 
     # -- stages -----------------------------------------------------------------------------
     def _prepare(self, image: np.ndarray, qf: int | None, ms: dict,

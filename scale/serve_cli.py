@@ -45,9 +45,12 @@ EXIT_UNUSABLE = 2
                                 "cluster that stops with the server.")
 @click.option("--threads", type=click.IntRange(min=0), default=DEFAULT_THREADS,
               show_default=True, help="onnxruntime CPU threads per replica (0: it decides).")
+@click.option("--api-key", envvar="SODIFF_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every route but /healthz.")
 @restore_options
 def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, port,
-         max_bytes, max_pixels, quality, address, threads, backend, device, tile, overlap,
+         max_bytes, max_pixels, quality, address, threads, api_key, backend, device, tile,
+         overlap,
          tile_batch, timestep, no_verify, no_keep_colour, no_jpeg_constraint,
          no_gate):
     """Serve restoration over HTTP: POST an image to /restore[?format=png|jpg|webp], get the
@@ -68,6 +71,12 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
             _check_port(host, port)
     except (ValueError, EngineDirError, OSError) as e:
         _die(str(e))
+    if api_key is not None and not api_key.strip():
+        _die("--api-key is empty; give a key, or leave the option out for an open service")
+    if not api_key and not _loopback(host):
+        click.echo(f"warning: --host {host} serves every client that can reach this machine, "
+                   f"with no key: anyone there can use its CPUs/GPUs; pass --api-key (or set "
+                   f"SODIFF_API_KEY)", err=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -77,7 +86,7 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
         check_resources(replicas, cpus_per_replica, gpus_per_replica, address is None,
                         lambda msg: click.echo(msg, err=True), what="replica")
         _start(engine, restore, replicas, cpus_per_replica, gpus_per_replica, max_batch, host,
-               port, max_bytes, max_pixels, quality)
+               port, max_bytes, max_pixels, quality, api_key or None)
         click.echo(f"sodiff-serve: http://{host}:{port}  (POST /restore, GET /healthz); "
                    f"Ctrl-C stops it", err=True)
         stop.wait()
@@ -92,14 +101,14 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
 
 
 def _start(engine, restore, replicas, cpus, gpus, max_batch, host, port, max_bytes,
-           max_pixels, quality) -> None:
+           max_pixels, quality, api_key) -> None:
     from ray import serve
 
     from .cluster import ClusterError
     from .service import ServeOptions, build_app
 
     opts = ServeOptions(max_batch=max_batch, max_bytes=max_bytes, max_pixels=max_pixels,
-                        quality=quality)
+                        quality=quality, api_key=api_key)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(str(engine), restore, opts, replicas, cpus, gpus),
@@ -123,6 +132,17 @@ def _reason(e: Exception) -> str:
     from .job import first_line
 
     return first_line(e)
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
 
 
 def _check_port(host: str, port: int) -> None:

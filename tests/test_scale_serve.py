@@ -26,6 +26,7 @@ pytest.importorskip("ray", reason="the ray extra is not installed (pip install '
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 200_000      # the server's body limit in these tests
 START_S = 180            # a cold local cluster plus one replica, on 2 busy cores
+API_KEY = "k3y-for-tests"  # the module server runs with it (SODIFF_API_KEY)
 
 
 def free_port() -> int:
@@ -59,7 +60,8 @@ def server(engine, tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "scale.serve_cli", "--engine", str(engine), "--port",
              str(port), "--max-bytes", str(MAX_BYTES), "--max-batch", "4"],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "SODIFF_API_KEY": API_KEY},
+            stdout=subprocess.DEVNULL,
             stderr=err, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_S
@@ -80,13 +82,53 @@ def server(engine, tmp_path_factory):
         proc.wait()
 
 
-def post(url: str, body: bytes, query: str = "") -> tuple[int, object, bytes]:
-    req = urllib.request.Request(url + "/restore" + query, data=body, method="POST")
+def post(url: str, body: bytes, query: str = "", key: str | None = None
+         ) -> tuple[int, object, bytes]:
+    """POST /restore with the module server's key (or `key`; "" sends none)."""
+    key = API_KEY if key is None else key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(url + "/restore" + query, data=body, method="POST",
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.headers, e.read()
+
+
+def test_every_route_but_healthz_wants_the_api_key(server, photos):
+    for key in ("", "not-the-key", API_KEY[:-1]):
+        status, headers, data = post(server[0], photos[0].read_bytes(), key=key)
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer", data
+        assert b"--api-key" in data and len(data.strip().splitlines()) == 1
+    req = urllib.request.Request(server[0] + "/nowhere", headers={})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)  # no route list for a client without a key
+    assert e.value.code == 401
+
+
+def test_an_open_service_on_every_interface_is_warned_about(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from fixtures.runtime_engines import identity_engine
+    from scale import cluster
+    from scale.serve_cli import main
+
+    def stop(*a, **k):  # no cluster: the checks before it are what is tested
+        raise cluster.ClusterError("stopped before the cluster")
+    monkeypatch.setattr(cluster, "connect", stop)
+    monkeypatch.delenv("SODIFF_API_KEY", raising=False)
+    engine = str(identity_engine(tmp_path / "engine"))
+    port = str(free_port())
+    open_ = CliRunner().invoke(main, ["--engine", engine, "--host", "0.0.0.0", "--port", port])
+    assert open_.exit_code == 2 and "warning: --host 0.0.0.0" in open_.output
+    assert "--api-key" in open_.output
+    keyed = CliRunner().invoke(main, ["--engine", engine, "--host", "0.0.0.0", "--port", port,
+                                      "--api-key", "k"])
+    local = CliRunner().invoke(main, ["--engine", engine, "--port", port])
+    assert "warning" not in keyed.output and "warning" not in local.output
+    empty = CliRunner().invoke(main, ["--engine", engine, "--api-key", " ", "--port", port])
+    assert empty.exit_code == 2 and "--api-key is empty" in empty.output
 
 
 def test_healthz(server):
@@ -146,13 +188,14 @@ def test_bad_bodies_get_one_line_4xx(server, body, status, words):
 
 @pytest.mark.parametrize("tile_batch", [1, 4])
 def test_a_serve_batch_call_restores_each_image_as_restore_does(tmp_path, tile_batch):
-    """The replica's batch handler in-process: tile batch 1 restores image by image with full
-    info; 4 goes through Restorer.restore_batch. Either way, each output is `restore`'s."""
+    """The replica's batch handler in-process: tile batch 1 restores image by image; 4 goes
+    through Restorer.restore_batch_info. Either way, each output is `restore`'s, and each
+    response gets its own image's tau, QF and timing headers."""
     import numpy as np
 
     from fixtures.runtime_engines import edit_manifest, identity_engine
     from runtime import Restorer, RestoreOptions
-    from scale.service import RestoreService, ServeOptions
+    from scale.service import RestoreService, ServeOptions, _headers
 
     eng = identity_engine(tmp_path / "engine")
     edit_manifest(eng, lambda m: m["shapes"].update(batch={"min": 1, "opt": 4, "max": 4}))
@@ -164,8 +207,12 @@ def test_a_serve_batch_call_restores_each_image_as_restore_does(tmp_path, tile_b
     results = service._restore_group([(a, None, None) for a in images])
     with Restorer(eng, opts) as r:
         for image, (out, info, batch) in zip(images, results):
-            assert batch == len(images) and np.array_equal(out, r.restore(image))
-            assert ("tau" in info) == (tile_batch == 1) and info["ms"]["total"] > 0
+            alone, want = r.restore_info(image)
+            assert batch == len(images) and np.array_equal(out, alone)
+            assert info["tau"] == want["tau"] and info["ms"]["total"] > 0
+            headers = _headers(info, batch)
+            assert headers["X-SODiff-Tau"] == f"{want['tau']:.3f}"
+            assert headers["X-SODiff-QF"] == f"{want['qf_predicted']:.2f}"
 
 
 @pytest.mark.last_in_module  # it stops the module's server
