@@ -30,6 +30,9 @@ DEFAULT_CPUS_PER_REPLICA = 0.5
 APP_NAME = "sodiff"
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 HEADER_PREFIX = "X-SODiff-"      # tau, QF and timings of a restored image
+DEFAULT_DRAIN_S = 30.0           # SIGTERM: how long requests in flight may still take
+RETRY_AFTER_S = 5                # what a 503 tells the client to wait
+DOOR_NAMESPACE = "sodiff"        # Ray namespace of the service's door actor (scale/drain.py)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """`sodiff-serve`: a thin click front end of `scale.service` (Ray Serve)."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -13,8 +14,8 @@ from runtime.cliopts import CONTEXT_SETTINGS, version_option
 from runtime.config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY
 
 from .cliopts import restore_options
-from .config import (APP_NAME, DEFAULT_CPUS_PER_REPLICA, DEFAULT_HOST, DEFAULT_MAX_BATCH,
-                     DEFAULT_MAX_BYTES, DEFAULT_PORT, DEFAULT_THREADS)
+from .config import (APP_NAME, DEFAULT_CPUS_PER_REPLICA, DEFAULT_DRAIN_S, DEFAULT_HOST,
+                     DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES, DEFAULT_PORT, DEFAULT_THREADS)
 
 EXIT_UNUSABLE = 2
 
@@ -47,19 +48,24 @@ EXIT_UNUSABLE = 2
               show_default=True, help="onnxruntime CPU threads per replica (0: it decides).")
 @click.option("--api-key", envvar="SODIFF_API_KEY", show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every route but /healthz.")
+@click.option("--drain-s", type=click.FloatRange(min=0), default=DEFAULT_DRAIN_S,
+              show_default=True, help="On SIGTERM/SIGINT: new requests get 503 while those in "
+                                      "flight have this long to finish.")
 @restore_options
 def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, port,
-         max_bytes, max_pixels, quality, address, threads, api_key, backend, device, tile,
+         max_bytes, max_pixels, quality, address, threads, api_key, drain_s, backend, device, tile,
          overlap,
          tile_batch, timestep, no_verify, no_keep_colour, no_jpeg_constraint,
          no_gate):
     """Serve restoration over HTTP: POST an image to /restore[?format=png|jpg|webp], get the
     restored image back (tau, QF and timings in X-SODiff-* and Server-Timing headers).
-    GET /healthz reports liveness. Ctrl-C (or SIGTERM) stops the server."""
+    GET /healthz reports liveness. Ctrl-C (or SIGTERM) drains it: requests in flight finish,
+    new ones get 503; a second signal stops at once."""
     from runtime.config import RestoreOptions
     from runtime.errors import EngineDirError
 
     from .cluster import ClusterError, check_engine, check_resources, connect, disconnect
+    from .drain import drain, open_door, reap, session_dir
 
     restore = RestoreOptions(backend=backend, device=device, tile=tile, overlap=overlap,
                              tile_batch=tile_batch, timestep=timestep, threads=threads,
@@ -77,38 +83,49 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
         click.echo(f"warning: --host {host} serves every client that can reach this machine, "
                    f"with no key: anyone there can use its CPUs/GPUs; pass --api-key (or set "
                    f"SODIFF_API_KEY)", err=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    owned = False
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_):  # the first drains, a second stops at once
+        (hurry if stop.is_set() else stop).set()
+    say = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    owned, session = False, None
     try:
         owned = connect(address)
-        check_resources(replicas, cpus_per_replica, gpus_per_replica, address is None,
-                        lambda msg: click.echo(msg, err=True), what="replica")
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own
+            signal.signal(sig, on_signal)
+        session = session_dir() if owned else None
+        if session:
+            say(f"sodiff-serve: local Ray cluster {session}")
+        check_resources(replicas, cpus_per_replica, gpus_per_replica, address is None, say,
+                        what="replica")
+        name = f"door-{os.getpid()}-{port}"
+        door = open_door(name)
         _start(engine, restore, replicas, cpus_per_replica, gpus_per_replica, max_batch, host,
-               port, max_bytes, max_pixels, quality, api_key or None)
-        click.echo(f"sodiff-serve: http://{host}:{port}  (POST /restore, GET /healthz); "
-                   f"Ctrl-C stops it", err=True)
+               port, max_bytes, max_pixels, quality, api_key or None, name)
+        say(f"sodiff-serve: http://{host}:{port}  (POST /restore, GET /healthz); Ctrl-C stops "
+            f"it")
         stop.wait()
-        click.echo("sodiff-serve: stopping", err=True)
+        left = drain(door, drain_s, hurry.is_set, say)
+        say("sodiff-serve: stopping" + (f" with {left} request(s) unfinished" if left else ""))
     except ClusterError as e:
         _die(str(e))
     finally:
         _stop()
         if owned:
             disconnect()
-    click.echo("sodiff-serve: stopped", err=True)
+            reap(session)
+    say("sodiff-serve: stopped")
 
 
 def _start(engine, restore, replicas, cpus, gpus, max_batch, host, port, max_bytes,
-           max_pixels, quality, api_key) -> None:
+           max_pixels, quality, api_key, door) -> None:
     from ray import serve
 
     from .cluster import ClusterError
     from .service import ServeOptions, build_app
 
     opts = ServeOptions(max_batch=max_batch, max_bytes=max_bytes, max_pixels=max_pixels,
-                        quality=quality, api_key=api_key)
+                        quality=quality, api_key=api_key, door=door)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(str(engine), restore, opts, replicas, cpus, gpus),

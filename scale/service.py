@@ -23,7 +23,8 @@ from starlette.responses import Response
 
 from runtime.config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY
 
-from .config import BATCH_WAIT_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES, HEADER_PREFIX, MEDIA_TYPES
+from .config import (BATCH_WAIT_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES, HEADER_PREFIX,
+                     MEDIA_TYPES, RETRY_AFTER_S)
 
 log = logging.getLogger("ray.serve")
 FORMAT_ALIASES = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
@@ -38,6 +39,7 @@ class ServeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # decoded pixel limit (413 above it); 0: none
     quality: int = DEFAULT_QUALITY  # JPEG/WebP response quality
     api_key: str | None = field(default=None, repr=False)  # bearer key (None: open service)
+    door: str | None = None         # the drain door's actor name (scale/drain.py); None: none
 
 
 class RequestError(Exception):
@@ -54,8 +56,11 @@ class RestoreService:
     def __init__(self, engine: str, restore, opts: ServeOptions):
         from runtime import Restorer
 
+        from .drain import find_door
+
         self.restorer = Restorer(engine, restore)
         self.opts = opts
+        self.door = find_door(opts.door)
         self.restore_many.set_max_batch_size(opts.max_batch)
         self.restore_many.set_batch_wait_timeout_s(opts.batch_wait_s)
 
@@ -81,7 +86,20 @@ class RestoreService:
         method, handler = routes[path]
         if request.method != method:
             raise RequestError(405, f"{path} takes {method}, not {request.method}")
-        return await handler(request)
+        if self.door is None:
+            return await handler(request)
+        if path == "/healthz":  # a load balancer stops sending here while it drains
+            if not await self.door.is_open.remote():
+                raise RequestError(503, "sodiff-serve is draining", {"Retry-After":
+                                                                      str(RETRY_AFTER_S)})
+            return await handler(request)
+        if not await self.door.enter.remote():  # closed: sodiff-serve is draining
+            raise RequestError(503, "sodiff-serve is shutting down; retry in a moment (another "
+                                    "instance may take it)", {"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            return await handler(request)
+        finally:
+            self.door.leave.remote()
 
     async def _health(self, request: Request) -> Response:
         body = {"status": "ok", "engine": str(self.restorer.manifest.root),

@@ -15,6 +15,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -191,7 +192,6 @@ def test_a_serve_batch_call_restores_each_image_as_restore_does(tmp_path, tile_b
     """The replica's batch handler in-process: tile batch 1 restores image by image; 4 goes
     through Restorer.restore_batch_info. Either way, each output is `restore`'s, and each
     response gets its own image's tau, QF and timing headers."""
-    import numpy as np
 
     from fixtures.runtime_engines import edit_manifest, identity_engine
     from runtime import Restorer, RestoreOptions
@@ -216,11 +216,39 @@ def test_a_serve_batch_call_restores_each_image_as_restore_does(tmp_path, tile_b
 
 
 @pytest.mark.last_in_module  # it stops the module's server
-def test_shuts_down_cleanly(server):
+def test_sigterm_drains_requests_in_flight_and_leaves_no_ray_process(server, photos,
+                                                                      reference):
+    from scale.drain import session_processes
     url, proc, log = server
-    proc.send_signal(signal.SIGINT)
+    body = photos[0].read_bytes()
+    y, x = np.mgrid[:768, :768]
+    slow = io.BytesIO()  # many tiles (a small file): still restoring while the signal comes
+    Image.fromarray(((x + 2 * y) // 12 % 256).astype(np.uint8)).save(slow, "JPEG", quality=30)
+    assert len(slow.getvalue()) < MAX_BYTES
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        held = pool.submit(post, url, slow.getvalue())
+        flying = [pool.submit(post, url, body) for _ in range(8)]
+        time.sleep(1.0)  # in flight: received, queued or restoring
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        late = post(url, body)  # while the slow one drains: the door is closed
+        answers = [f.result() for f in flying]
+        held = held.result()
+    statuses = [a[0] for a in answers]
+    assert set(statuses) <= {200, 503}, statuses  # never a reset, never Ray's own 500
+    for status, headers, data in answers:
+        if status == 200:
+            assert data == reference[photos[0].stem + ".png"]
+        else:
+            assert headers["Retry-After"] and b"shutting down" in data
+    assert held[0] == 200 and Image.open(io.BytesIO(held[2])).size == (768, 768)
+    assert late[0] == 503 and late[1]["Retry-After"], late
     assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "sodiff-serve: stopped" in text and "Traceback" not in text
+    assert "draining" in text
     with pytest.raises(OSError):
         urllib.request.urlopen(url + "/healthz", timeout=5)
+    session = next(line.split()[-1] for line in text.splitlines()
+                   if line.startswith("sodiff-serve: local Ray cluster"))
+    assert session_processes(session) == [], "Ray processes outlived sodiff-serve"
