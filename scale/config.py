@@ -31,6 +31,8 @@ APP_NAME = "sodiff"
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 HEADER_PREFIX = "X-SODiff-"      # tau, QF and timings of a restored image
 DEFAULT_DRAIN_S = 30.0           # SIGTERM: how long requests in flight may still take
+QUEUED_BATCHES = 4               # default --max-queued: this many batches per replica
+DEFAULT_TIMEOUT_S = 300.0        # a request that waits or runs longer gets 504
 RETRY_AFTER_S = 5                # what a 503 tells the client to wait
 DOOR_NAMESPACE = "sodiff"        # Ray namespace of the service's door actor (scale/drain.py)
 

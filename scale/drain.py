@@ -24,15 +24,19 @@ def door_actor():
 
     @ray.remote(num_cpus=0)
     class Door:
-        def __init__(self):
+        def __init__(self, limit: int | None):
             self.open, self.inflight, self.last = True, 0, time.monotonic()
+            self.limit = limit
 
-        def enter(self) -> bool:
+        def enter(self) -> str:
+            """"in", or why not: "closed" (draining) or "full" (--max-queued reached)."""
             self.last = time.monotonic()
             if not self.open:
-                return False
+                return "closed"
+            if self.limit is not None and self.inflight >= self.limit:
+                return "full"
             self.inflight += 1
-            return True
+            return "in"
 
         def leave(self) -> None:
             self.inflight, self.last = self.inflight - 1, time.monotonic()
@@ -50,9 +54,10 @@ def door_actor():
     return Door
 
 
-def open_door(name: str):
-    """Start the door actor under `name`; returns its handle."""
-    return door_actor().options(name=name, namespace=DOOR_NAMESPACE).remote()
+def open_door(name: str, limit: int | None = None):
+    """Start the door actor under `name`, letting at most `limit` requests in at once (None:
+    any number); returns its handle."""
+    return door_actor().options(name=name, namespace=DOOR_NAMESPACE).remote(limit)
 
 
 def find_door(name: str | None):

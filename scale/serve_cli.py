@@ -15,7 +15,8 @@ from runtime.config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY
 
 from .cliopts import restore_options
 from .config import (APP_NAME, DEFAULT_CPUS_PER_REPLICA, DEFAULT_DRAIN_S, DEFAULT_HOST,
-                     DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES, DEFAULT_PORT, DEFAULT_THREADS)
+                     DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES, DEFAULT_PORT, DEFAULT_THREADS,
+                     DEFAULT_TIMEOUT_S, QUEUED_BATCHES)
 
 EXIT_UNUSABLE = 2
 
@@ -48,12 +49,19 @@ EXIT_UNUSABLE = 2
               show_default=True, help="onnxruntime CPU threads per replica (0: it decides).")
 @click.option("--api-key", envvar="SODIFF_API_KEY", show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every route but /healthz.")
+@click.option("--max-queued", type=click.IntRange(min=1), help="Requests waiting or restoring "
+              f"at once, over all replicas; above it 503 at once (default: {QUEUED_BATCHES} "
+              f"batches per replica).")
+@click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_TIMEOUT_S, show_default=True,
+              help="A request that waits or runs longer gets 504 and frees its place.")
 @click.option("--drain-s", type=click.FloatRange(min=0), default=DEFAULT_DRAIN_S,
               show_default=True, help="On SIGTERM/SIGINT: new requests get 503 while those in "
                                       "flight have this long to finish.")
 @restore_options
 def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, port,
-         max_bytes, max_pixels, quality, address, threads, api_key, drain_s, backend, device, tile,
+         max_bytes, max_pixels, quality, address, threads, api_key, max_queued, timeout_s,
+         drain_s, backend, device, tile,
          overlap,
          tile_batch, timestep, no_verify, no_keep_colour, no_jpeg_constraint,
          no_gate):
@@ -66,6 +74,7 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
 
     from .cluster import ClusterError, check_engine, check_resources, connect, disconnect
     from .drain import drain, open_door, reap, session_dir
+    from .service import ServeOptions
 
     restore = RestoreOptions(backend=backend, device=device, tile=tile, overlap=overlap,
                              tile_batch=tile_batch, timestep=timestep, threads=threads,
@@ -99,9 +108,12 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
         check_resources(replicas, cpus_per_replica, gpus_per_replica, address is None, say,
                         what="replica")
         name = f"door-{os.getpid()}-{port}"
-        door = open_door(name)
-        _start(engine, restore, replicas, cpus_per_replica, gpus_per_replica, max_batch, host,
-               port, max_bytes, max_pixels, quality, api_key or None, name)
+        queued = max_queued or QUEUED_BATCHES * max_batch * replicas
+        door = open_door(name, queued)
+        opts = ServeOptions(max_batch=max_batch, max_bytes=max_bytes, max_pixels=max_pixels,
+                            quality=quality, api_key=api_key or None, door=name, queued=queued,
+                            timeout_s=timeout_s)
+        _start(engine, restore, replicas, cpus_per_replica, gpus_per_replica, host, port, opts)
         say(f"sodiff-serve: http://{host}:{port}  (POST /restore, GET /healthz); Ctrl-C stops "
             f"it")
         stop.wait()
@@ -117,15 +129,12 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
     say("sodiff-serve: stopped")
 
 
-def _start(engine, restore, replicas, cpus, gpus, max_batch, host, port, max_bytes,
-           max_pixels, quality, api_key, door) -> None:
+def _start(engine, restore, replicas, cpus, gpus, host, port, opts) -> None:
     from ray import serve
 
     from .cluster import ClusterError
-    from .service import ServeOptions, build_app
+    from .service import build_app
 
-    opts = ServeOptions(max_batch=max_batch, max_bytes=max_bytes, max_pixels=max_pixels,
-                        quality=quality, api_key=api_key, door=door)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(str(engine), restore, opts, replicas, cpus, gpus),

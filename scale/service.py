@@ -40,6 +40,8 @@ class ServeOptions:
     quality: int = DEFAULT_QUALITY  # JPEG/WebP response quality
     api_key: str | None = field(default=None, repr=False)  # bearer key (None: open service)
     door: str | None = None         # the drain door's actor name (scale/drain.py); None: none
+    queued: int | None = None       # the door's limit over all replicas (--max-queued)
+    timeout_s: float | None = None  # 504 for a request that waits or runs longer; None: never
 
 
 class RequestError(Exception):
@@ -93,11 +95,18 @@ class RestoreService:
                 raise RequestError(503, "sodiff-serve is draining", {"Retry-After":
                                                                       str(RETRY_AFTER_S)})
             return await handler(request)
-        if not await self.door.enter.remote():  # closed: sodiff-serve is draining
+        entered = await self.door.enter.remote()
+        if entered != "in":
             raise RequestError(503, "sodiff-serve is shutting down; retry in a moment (another "
-                                    "instance may take it)", {"Retry-After": str(RETRY_AFTER_S)})
+                                    "instance may take it)" if entered == "closed" else
+                               f"sodiff-serve is full ({self.opts.queued} requests in flight, "
+                               f"--max-queued); retry in a moment",
+                               {"Retry-After": str(RETRY_AFTER_S)})
         try:
-            return await handler(request)
+            return await asyncio.wait_for(handler(request), self.opts.timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"the restore took longer than {self.opts.timeout_s:g} s "
+                                    f"(sodiff-serve --timeout-s)") from None
         finally:
             self.door.leave.remote()
 
@@ -229,6 +238,9 @@ def build_app(engine: str, restore, opts: ServeOptions, replicas: int, cpus: flo
               gpus: float):
     """The bound Serve application: `replicas` copies of RestoreService."""
     deployment = serve.deployment(RestoreService, name="RestoreService").options(
-        num_replicas=replicas, max_ongoing_requests=max(2 * opts.max_batch, 8),
+        # Every request up to the door's limit reaches a replica at once, so that the door, not
+        # Serve's own queue, answers an overload (with our 503).
+        num_replicas=replicas, max_ongoing_requests=max(2 * opts.max_batch, 8,
+                                                        -(-(opts.queued or 0) // replicas) + 1),
         ray_actor_options={"num_cpus": cpus, "num_gpus": gpus})
     return deployment.bind(engine, restore, opts)

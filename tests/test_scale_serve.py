@@ -52,15 +52,15 @@ def reference(engine, photos, tmp_path_factory):
     return sodiff_run(engine, photos[0].parent, tmp_path_factory.mktemp("sodiff-run"))
 
 
-@pytest.fixture(scope="module")
-def server(engine, tmp_path_factory):
-    """(base URL, process, stderr path) of a running sodiff-serve."""
+def start_server(engine, folder: Path, *args: str):
+    """(base URL, process, stderr path) of a sodiff-serve started with `args`, once it
+    answers /healthz."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
+    log = folder / "stderr.txt"
     with open(log, "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "scale.serve_cli", "--engine", str(engine), "--port",
-             str(port), "--max-bytes", str(MAX_BYTES), "--max-batch", "4"],
+             str(port), "--max-bytes", str(MAX_BYTES), *args],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "SODIFF_API_KEY": API_KEY},
             stdout=subprocess.DEVNULL,
             stderr=err, start_new_session=True)
@@ -77,10 +77,27 @@ def server(engine, tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("sodiff-serve did not come up: " + log.read_text()[-3000:])
-    yield url, proc, log
-    if proc.poll() is None:  # a test failed before the shutdown test: stop it here
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    return url, proc, log
+
+
+def stop_server(proc) -> None:
+    """SIGTERM (a drain, then its own cleanup); SIGKILL to its group if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    """(base URL, process, stderr path) of a running sodiff-serve."""
+    found = start_server(engine, tmp_path_factory.mktemp("serve"), "--max-batch", "4",
+                         "--max-queued", "64")
+    yield found
+    stop_server(found[1])  # a test failed before the shutdown test: stop it here
 
 
 def post(url: str, body: bytes, query: str = "", key: str | None = None
@@ -213,6 +230,54 @@ def test_a_serve_batch_call_restores_each_image_as_restore_does(tmp_path, tile_b
             headers = _headers(info, batch)
             assert headers["X-SODiff-Tau"] == f"{want['tau']:.3f}"
             assert headers["X-SODiff-QF"] == f"{want['qf_predicted']:.2f}"
+
+
+QUEUED, TIMEOUT_S = 3, 2.0  # the bounded server's --max-queued and --timeout-s
+
+
+@pytest.fixture(scope="module")
+def bounded(engine, tmp_path_factory):
+    found = start_server(engine, tmp_path_factory.mktemp("bounded"), "--max-batch", "1",
+                         "--max-queued", str(QUEUED), "--timeout-s", str(TIMEOUT_S))
+    yield found
+    stop_server(found[1])
+
+
+def _timed_post(url, body):
+    t = time.monotonic()
+    status, headers, data = post(url, body)
+    return status, headers, data, time.monotonic() - t
+
+
+def test_an_overload_gets_503_at_once_and_nothing_waits_past_the_timeout(bounded, photos,
+                                                                          reference):
+    body = photos[0].read_bytes()
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        answers = list(pool.map(lambda _: _timed_post(bounded[0], body), range(64)))
+    statuses = [a[0] for a in answers]
+    assert set(statuses) <= {200, 503, 504}, statuses
+    assert statuses.count(503) > 0 and statuses.count(200) > 0, statuses
+    for status, headers, data, took in answers:
+        assert took < TIMEOUT_S + 10, took  # no request hangs: done, refused or timed out
+        if status == 200:
+            assert data == reference[photos[0].stem + ".png"]
+        elif status == 503:
+            assert b"--max-queued" in data and headers["Retry-After"]
+        else:
+            assert b"--timeout-s" in data
+    deadline = time.monotonic() + 60  # every place is given back: one request gets through
+    while (status := post(bounded[0], body)[0]) != 200 and time.monotonic() < deadline:
+        time.sleep(1)  # a timed-out restore may still hold the replica's CPU for a while
+    assert status == 200
+
+
+def test_a_request_past_the_timeout_gets_504(bounded):
+    y, x = np.mgrid[:1024, :1024]
+    slow = io.BytesIO()
+    Image.fromarray(((x + 2 * y) // 12 % 256).astype(np.uint8)).save(slow, "JPEG", quality=30)
+    status, _, data, took = _timed_post(bounded[0], slow.getvalue())
+    assert status == 504 and b"longer than 2 s (sodiff-serve --timeout-s)" in data, data
+    assert took < TIMEOUT_S + 5
 
 
 @pytest.mark.last_in_module  # it stops the module's server
