@@ -34,6 +34,7 @@ DEFAULT_DRAIN_S = 30.0           # SIGTERM: how long requests in flight may stil
 QUEUED_BATCHES = 4               # default --max-queued: this many batches per replica
 DEFAULT_TIMEOUT_S = 300.0        # a request that waits or runs longer gets 504
 RETRY_AFTER_S = 5                # what a 503 tells the client to wait
+REPLICA_RETRIES = 1              # a request whose restore replica dies is sent again this often
 DOOR_NAMESPACE = "sodiff"        # Ray namespace of the service's door actor (scale/drain.py)
 
 

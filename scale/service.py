@@ -1,7 +1,8 @@
-"""`sodiff-serve`'s Ray Serve deployment: POST /restore (an image in, the restored image out,
-tau, QF and timings in headers), GET /healthz. Concurrent requests meet in `@serve.batch`;
-with tile batches, `Restorer.restore_batch` sends their same-shape tiles through each engine
-call together.
+"""`sodiff-serve`'s Ray Serve application: POST /restore (an image in, the restored image out,
+tau, QF and timings in headers), GET /healthz. This ingress owns the HTTP side (routes, the
+API key, the drain door and its bounds, the timeout) and sends each body to the restore
+replicas (scale/replica.py); a request whose replica dies is sent once more, to another, and
+gets our 503 when none is left, never Ray's 500.
 
 Bad input is a 400 (not an image) or 413 (body or pixel count over the limits) whose body is
 the runtime's one-line message; nothing reaches the client as a traceback. With an API key,
@@ -11,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import io
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 
+import ray
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
@@ -24,7 +24,11 @@ from starlette.responses import Response
 from runtime.config import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY
 
 from .config import (BATCH_WAIT_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES, HEADER_PREFIX,
-                     MEDIA_TYPES, RETRY_AFTER_S)
+                     REPLICA_RETRIES, RETRY_AFTER_S)
+from .job import first_line
+
+# What a handle call raises when its replica died or cannot be reached.
+REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 log = logging.getLogger("ray.serve")
 FORMAT_ALIASES = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
@@ -53,18 +57,14 @@ class RequestError(Exception):
 
 
 class RestoreService:
-    """A replica: one Restorer, opened once; see the module docstring for the routes."""
+    """The ingress: HTTP routes, the key, the door (drain, bounds, timeout) and one retry when
+    a restore replica dies; the restoring is `replica`'s (scale/replica.py)."""
 
-    def __init__(self, engine: str, restore, opts: ServeOptions):
-        from runtime import Restorer
-
+    def __init__(self, replica, opts: ServeOptions):
         from .drain import find_door
 
-        self.restorer = Restorer(engine, restore)
-        self.opts = opts
+        self.replica, self.opts = replica, opts
         self.door = find_door(opts.door)
-        self.restore_many.set_max_batch_size(opts.max_batch)
-        self.restore_many.set_batch_wait_timeout_s(opts.batch_wait_s)
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -111,66 +111,25 @@ class RestoreService:
             self.door.leave.remote()
 
     async def _health(self, request: Request) -> Response:
-        body = {"status": "ok", "engine": str(self.restorer.manifest.root),
-                "backend": self.restorer.backend, "max_batch": self.opts.max_batch}
+        try:
+            body = await self.replica.health.remote()
+        except REPLICA_GONE:
+            raise RequestError(503, "no restore replica is up yet; retry in a moment",
+                               {"Retry-After": str(RETRY_AFTER_S)}) from None
         return Response(json.dumps(body), media_type="application/json")
 
     async def _restore(self, request: Request) -> Response:
-        from runtime.errors import ImageError
-        from runtime.imageio import PixelLimitError, decode_image
-
         fmt = _format(request.query_params.get("format", "png"))
         body = await read_body(request, self.opts.max_bytes)
-        try:
-            img = await asyncio.to_thread(decode_image, body, "request body",
-                                          self.opts.max_pixels)
-        except ImageError as e:
-            raise RequestError(413 if isinstance(e, PixelLimitError) else 400, str(e)) from None
-        result = await self.restore_many((img.array, img.qf, img.jpeg))
-        if isinstance(result, Exception):  # ValueError: this image; others: the engines
-            status = 400 if isinstance(result, ValueError) else 500
-            raise RequestError(status, f"request body: {str(result).splitlines()[0]}")
-        out, info, batch = result
-        data = await asyncio.to_thread(self._encode, out, fmt, img.icc, img.exif)
-        return Response(data, media_type=MEDIA_TYPES[fmt], headers=_headers(info, batch))
-
-    def _encode(self, array, fmt: str, icc, exif) -> bytes:
-        from runtime.errors import ImageError
-        from runtime.imageio import encode_image
-
-        buf = io.BytesIO()
-        try:
-            encode_image(buf, array, PIL_FORMATS[fmt], icc, exif, self.opts.quality)
-        except ImageError as e:  # e.g. alpha to JPEG
-            raise RequestError(400, f"request body: {e}; ask for ?format=png") from None
-        return buf.getvalue()
-
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def restore_many(self, items: list[tuple]) -> list:
-        """(array, header QF, JPEG tables) per request -> (restored, info, requests in this
-        call), or the exception that image alone raised."""
-        return await asyncio.to_thread(self._restore_group, items)
-
-    def _restore_group(self, items: list[tuple]) -> list:
-        """Restore a @serve.batch's images: with a tile batch above 1, `restore_batch_info`
-        puts tiles of several same-shape images through each engine call (each response
-        carries its own tau, QF and gate, and the call's stage timings); else each image in
-        turn."""
-        results: list = [None] * len(items)
-        if self.restorer.tile_batch > 1 and len(items) > 1:
+        for attempt in range(1 + REPLICA_RETRIES):  # a restore is idempotent: safe to repeat
             try:
-                done = self.restorer.restore_batch_info(*map(list, zip(*items)))
-            except (ValueError, RuntimeError):
-                done = None  # one bad image fails the call: find it below, image by image
-            if done is not None:
-                return [(out, info, len(items)) for out, info in done]
-        for i, (array, qf, jpeg) in enumerate(items):
-            try:
-                out, info = self.restorer.restore_info(array, qf, jpeg=jpeg)
-                results[i] = (out, info, len(items))
-            except (ValueError, RuntimeError) as e:
-                results[i] = e
-        return results
+                status, headers, media, data = await self.replica.restore.remote(body, fmt)
+                return Response(data, status_code=status, media_type=media, headers=headers)
+            except REPLICA_GONE as e:
+                log.warning("sodiff-serve: a restore replica died under a request (attempt "
+                            "%d): %s", attempt + 1, first_line(e))
+        raise RequestError(503, "the restore replica died and no other could take the "
+                                "request; retry in a moment", {"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -236,11 +195,17 @@ def _text(status: int, message: str, headers: dict[str, str] | None = None) -> R
 
 def build_app(engine: str, restore, opts: ServeOptions, replicas: int, cpus: float,
               gpus: float):
-    """The bound Serve application: `replicas` copies of RestoreService."""
-    deployment = serve.deployment(RestoreService, name="RestoreService").options(
+    """The bound Serve application: one RestoreService ingress (no CPU reserved) in front of
+    `replicas` RestoreReplicas."""
+    from .replica import RestoreReplica
+
+    ingress = serve.deployment(RestoreService, name="RestoreService").options(
+        num_replicas=1, max_ongoing_requests=(opts.queued or 64) + 16,
+        ray_actor_options={"num_cpus": 0})
+    deployment = serve.deployment(RestoreReplica, name="RestoreReplica").options(
         # Every request up to the door's limit reaches a replica at once, so that the door, not
         # Serve's own queue, answers an overload (with our 503).
         num_replicas=replicas, max_ongoing_requests=max(2 * opts.max_batch, 8,
                                                         -(-(opts.queued or 0) // replicas) + 1),
         ray_actor_options={"num_cpus": cpus, "num_gpus": gpus})
-    return deployment.bind(engine, restore, opts)
+    return ingress.bind(deployment.bind(engine, restore, opts), opts)

@@ -95,7 +95,7 @@ def stop_server(proc) -> None:
 def server(engine, tmp_path_factory):
     """(base URL, process, stderr path) of a running sodiff-serve."""
     found = start_server(engine, tmp_path_factory.mktemp("serve"), "--max-batch", "4",
-                         "--max-queued", "64")
+                         "--max-queued", "64", "--replicas", "2")
     yield found
     stop_server(found[1])  # a test failed before the shutdown test: stop it here
 
@@ -212,7 +212,8 @@ def test_a_serve_batch_call_restores_each_image_as_restore_does(tmp_path, tile_b
 
     from fixtures.runtime_engines import edit_manifest, identity_engine
     from runtime import Restorer, RestoreOptions
-    from scale.service import RestoreService, ServeOptions, _headers
+    from scale.replica import RestoreReplica
+    from scale.service import ServeOptions, _headers
 
     eng = identity_engine(tmp_path / "engine")
     edit_manifest(eng, lambda m: m["shapes"].update(batch={"min": 1, "opt": 4, "max": 4}))
@@ -220,7 +221,7 @@ def test_a_serve_batch_call_restores_each_image_as_restore_does(tmp_path, tile_b
     images = [rng.integers(0, 256, shape, dtype=np.uint8)
               for shape in ((40, 56, 3), (40, 56, 3), (33, 20, 3), (40, 56))]
     opts = RestoreOptions(threads=1, tile_batch=tile_batch)
-    service = RestoreService(str(eng), opts, ServeOptions())
+    service = RestoreReplica(str(eng), opts, ServeOptions())
     results = service._restore_group([(a, None, None) for a in images])
     with Restorer(eng, opts) as r:
         for image, (out, info, batch) in zip(images, results):
@@ -230,6 +231,51 @@ def test_a_serve_batch_call_restores_each_image_as_restore_does(tmp_path, tile_b
             headers = _headers(info, batch)
             assert headers["X-SODiff-Tau"] == f"{want['tau']:.3f}"
             assert headers["X-SODiff-QF"] == f"{want['qf_predicted']:.2f}"
+
+
+def _replicas_of(log: Path) -> list[int]:
+    """Pids of the restore replicas of the sodiff-serve whose stderr is `log`: processes
+    titled by Serve, whose parent (the raylet) names that server's Ray session."""
+    from scale.drain import session_processes
+    text = log.read_text()
+    session = next(line.split()[-1] for line in text.splitlines()
+                   if line.startswith("sodiff-serve: local Ray cluster"))
+    parents = set(session_processes(session))
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            title = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"ServeReplica:sodiff:RestoreReplica" in title and ppid in parents:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_replica_killed_under_load_loses_no_request(server, photos, reference):
+    url, _, log = server
+    body = photos[0].read_bytes()
+    victims = _replicas_of(log)
+    assert len(victims) == 2, victims
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        flying = [pool.submit(post, url, body) for _ in range(64)]  # seconds of work
+        time.sleep(0.4)
+        os.kill(victims[0], signal.SIGKILL)  # as a crashed or OOM-killed replica
+        answers = [f.result() for f in flying]
+    statuses = [a[0] for a in answers]
+    assert set(statuses) <= {200, 503}, statuses  # never Ray's "Internal Server Error"
+    assert statuses.count(200) >= len(statuses) // 2, statuses
+    for status, headers, data in answers:
+        if status == 200:
+            assert data == reference[photos[0].stem + ".png"]
+        else:
+            assert headers["Retry-After"] and b"replica died" in data
+    deadline = time.monotonic() + 10  # the ingress's warning reaches the driver's stderr late
+    while "died under a request (attempt 1)" not in log.read_text() and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "died under a request (attempt 1)" in log.read_text()  # the retry was exercised
 
 
 QUEUED, TIMEOUT_S = 3, 2.0  # the bounded server's --max-queued and --timeout-s
