@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -31,6 +32,8 @@ from .job import first_line
 REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 log = logging.getLogger("ray.serve")
+ROUTES = {"/healthz": ("GET", "_health"), "/restore": ("POST", "_restore"),
+          "/metrics": ("GET", "_metrics")}  # path: (method, handler)
 FORMAT_ALIASES = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
@@ -63,18 +66,26 @@ class RestoreService:
     def __init__(self, replica, opts: ServeOptions):
         from .drain import find_door
 
+        from .metrics import ServeMetrics
+
         self.replica, self.opts = replica, opts
         self.door = find_door(opts.door)
+        self.metrics = ServeMetrics()
 
     async def __call__(self, request: Request) -> Response:
+        start = time.perf_counter()
         try:
-            return await self._route(request)
+            response = await self._route(request)
         except RequestError as e:
-            return _text(e.status, str(e), e.headers)
+            response = _text(e.status, str(e), e.headers)
         except Exception as e:  # noqa: BLE001 - the client gets one line, the log the rest
             log.exception("sodiff-serve: internal error")
-            return _text(500, f"internal error ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})")
+            response = _text(500, f"internal error ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else 'no detail'})")
+        path = request.url.path.rstrip("/") or "/"
+        self.metrics.observe(path if path in ROUTES else "other", response.status_code,
+                             time.perf_counter() - start, response.headers)
+        return response
 
     async def _route(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
@@ -82,13 +93,14 @@ class RestoreService:
             raise RequestError(401, "missing or wrong API key: send the header 'Authorization: "
                                     "Bearer KEY' with sodiff-serve's --api-key",
                                {"WWW-Authenticate": "Bearer"})
-        routes = {"/healthz": ("GET", self._health), "/restore": ("POST", self._restore)}
-        if path not in routes:
-            raise RequestError(404, f"no route {path}; use POST /restore or GET /healthz")
-        method, handler = routes[path]
+        if path not in ROUTES:
+            raise RequestError(404, f"no route {path}; use POST /restore, GET /healthz or "
+                                    f"GET /metrics")
+        method, name = ROUTES[path]
+        handler = getattr(self, name)
         if request.method != method:
             raise RequestError(405, f"{path} takes {method}, not {request.method}")
-        if self.door is None:
+        if self.door is None or path == "/metrics":
             return await handler(request)
         if path == "/healthz":  # a load balancer stops sending here while it drains
             if not await self.door.is_open.remote():
@@ -109,6 +121,11 @@ class RestoreService:
                                     f"(sodiff-serve --timeout-s)") from None
         finally:
             self.door.leave.remote()
+
+    async def _metrics(self, request: Request) -> Response:
+        inflight = None if self.door is None else (await self.door.state.remote())[0]
+        data, media = self.metrics.text(inflight)
+        return Response(data, headers={"Content-Type": media})
 
     async def _health(self, request: Request) -> Response:
         try:

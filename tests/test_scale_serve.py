@@ -172,6 +172,34 @@ def test_fifty_concurrent_requests_equal_sodiff_run(server, photos, reference):
     assert max(batches) > 1, "no two concurrent requests met in one @serve.batch call"
 
 
+def test_metrics_count_what_was_served(server, photos):
+    from prometheus_client.parser import text_string_to_metric_families
+    for _ in range(3):
+        assert post(server[0], photos[0].read_bytes())[0] == 200
+    assert post(server[0], b"not an image")[0] == 400
+    req = urllib.request.Request(server[0] + "/metrics",
+                                 headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    def samples(family, name):
+        return {tuple(sorted(s.labels.items())): s.value for s in families[family].samples
+                if s.name == name}
+    served = samples("sodiff_requests", "sodiff_requests_total")
+    assert served[(("route", "/restore"), ("status", "200"))] >= 3
+    assert served[(("route", "/restore"), ("status", "400"))] >= 1
+    stages = {dict(k)["stage"] for k, v in samples("sodiff_stage_seconds",
+                                                   "sodiff_stage_seconds_count").items()
+              if v >= 3}
+    assert {"saipe", "predictor", "unet", "vae_decoder", "total"} <= stages
+    for name in ("sodiff_tau", "sodiff_qf_predicted", "sodiff_batch_requests"):
+        assert samples(name, name + "_count")[()] >= 3, name
+    assert "sodiff_requests_in_flight" in families
+    with pytest.raises(urllib.error.HTTPError) as e:  # behind the key like every route
+        urllib.request.urlopen(server[0] + "/metrics", timeout=10)
+    assert e.value.code == 401
+
+
 def test_output_formats(server, photos):
     status, headers, data = post(server[0], photos[0].read_bytes(), "?format=jpg")
     assert status == 200 and headers["Content-Type"] == "image/jpeg"
