@@ -1,5 +1,7 @@
 """Throughput of `sodiff-batch` (1 and 2 workers) against one `sodiff-run` process on the same
-images, and `sodiff-serve`'s latency at 1, 4 and 16 concurrent clients.
+images, and `sodiff-serve` under load: 1, 4, 16 and 64 concurrent clients, with request
+batching on (`--max-batch`) and off (1), and once with a replica killed mid-run; throughput,
+p50/p95/p99 and every answer that was not a 200 (our 503/504, other statuses, resets).
 
     python benchmarks/scale.py                    # exports the bundled model (weights/tiny)
     python benchmarks/scale.py --engine DIR --images 40 --replicas 2
@@ -36,7 +38,7 @@ from benchmarks import _common as C  # noqa: E402
 BIN = Path(sys.executable).parent
 DYNAMIC = ((8, 8), (256, 256), (512, 512))  # BSDS500's 481x321 photos run untiled
 QUALITIES = (10, 20, 30, 40)                 # the JPEGs' qualities, in turn
-CLIENTS = (1, 4, 16)
+CLIENTS = (1, 4, 16, 64)
 REQUESTS_PER_CLIENT = 4                      # requests each client sends, one after another
 START_S = 300                                # a cold cluster and its replicas, on busy cores
 
@@ -125,57 +127,101 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: bytes) -> tuple[bool, float]:
+def post(url: str, body: bytes) -> tuple[str, float]:
+    """The answer's status ("200", "503", ..., or "reset" for a connection that failed) and
+    its milliseconds."""
     t = time.perf_counter()
     try:
         req = urllib.request.Request(url, data=body, method="POST")
         with urllib.request.urlopen(req, timeout=600) as r:
-            ok = r.status == 200 and len(r.read()) > 0
+            status = str(r.status) if r.read() else "empty"
+    except urllib.error.HTTPError as e:
+        status = str(e.code)
     except (urllib.error.URLError, OSError):
-        ok = False
-    return ok, (time.perf_counter() - t) * 1000
+        status = "reset"
+    return status, (time.perf_counter() - t) * 1000
 
 
-def bench_serve(engine: Path, images: list[Path], replicas: int, max_batch: int) -> dict:
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "sodiff-serve"), "--engine", str(engine), "--port",
-                             str(port), "--replicas", str(replicas), "--max-batch",
-                             str(max_batch), "--threads", "1"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+def replica_pids(session: str) -> list[int]:
+    """Restore replicas of the local Ray session `session` (their parent names it)."""
+    from scale.drain import session_processes
+    parents, found = set(session_processes(session)), []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            title = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"ServeReplica:sodiff:RestoreReplica" in title and ppid in parents:
+            found.append(int(entry.name))
+    return found
+
+
+def load_level(base: str, bodies: list[bytes], clients: int, kill=None) -> dict:
+    """`clients` concurrent clients, REQUESTS_PER_CLIENT requests each; `kill()` runs once a
+    second into the level."""
+    jobs = [bodies[i % len(bodies)] for i in range(clients * REQUESTS_PER_CLIENT)]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(post, base + "/restore", b) for b in jobs]
+        if kill is not None:
+            time.sleep(1.0)
+            kill()
+        got = [f.result() for f in futures]
+    wall = time.perf_counter() - t
+    ms = np.array([m for status, m in got if status == "200"])
+    pct = lambda q: round(float(np.percentile(ms, q)), 1) if ms.size else None  # noqa: E731
+    statuses = [status for status, _ in got]
+    return {"requests": len(jobs), "ok": int(ms.size),
+            "not_ok": {k: statuses.count(k) for k in sorted(set(statuses)) if k != "200"},
+            "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+            "max_ms": round(max(m for _, m in got), 1),
+            "requests_per_s": round(ms.size / wall, 3)}
+
+
+def bench_serve(engine: Path, images: list[Path], replicas: int, max_batch: int,
+                work: Path, kill: bool = False) -> dict:
+    """One sodiff-serve under every CLIENTS level; with `kill`, one replica is SIGKILLed a
+    second into the 16-client level."""
+    port, log = free_port(), work / f"serve-{max_batch}-{kill}.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([str(BIN / "sodiff-serve"), "--engine", str(engine), "--port",
+                                 str(port), "--replicas", str(replicas), "--max-batch",
+                                 str(max_batch), "--threads", "1"], stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    killed = []
     try:
         t = time.perf_counter()
         while not _healthy(base):
             if proc.poll() is not None or time.perf_counter() - t > START_S:
                 raise click.ClickException("sodiff-serve did not start: "
-                                           + proc.stderr.read().decode()[-2000:])
+                                           + log.read_text()[-2000:])
             time.sleep(0.5)
         startup = time.perf_counter() - t
+        session = next(line.split()[-1] for line in log.read_text().splitlines()
+                       if line.startswith("sodiff-serve: local Ray cluster"))
         bodies = [p.read_bytes() for p in images]
         for b in bodies[:replicas * 2]:
             post(base + "/restore", b)  # warm-up: each replica's first runs
-        levels = {}
-        for clients in CLIENTS:
-            jobs = [bodies[i % len(bodies)] for i in range(clients * REQUESTS_PER_CLIENT)]
-            t = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                got = list(pool.map(lambda b: post(base + "/restore", b), jobs))
-            wall = time.perf_counter() - t
-            ms = np.array([m for ok, m in got if ok])
-            levels[str(clients)] = {
-                "requests": len(jobs), "failed": sum(not ok for ok, _ in got),
-                "p50_ms": round(float(np.percentile(ms, 50)), 1) if ms.size else None,
-                "p99_ms": round(float(np.percentile(ms, 99)), 1) if ms.size else None,
-                "requests_per_s": round(len(ms) / wall, 3)}
+
+        def kill_one():
+            pid = replica_pids(session)[0]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        levels = {str(c): load_level(base, bodies, c, kill_one if kill and c == 16 else None)
+                  for c in CLIENTS}
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         try:
             rc = proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
+    from scale.drain import session_processes
     return {"replicas": replicas, "max_batch": max_batch, "startup_s": round(startup, 1),
-            "exit_code": rc, "clients": levels}
+            "replica_killed": bool(killed), "exit_code": rc,
+            "ray_processes_left": len(session_processes(session)), "clients": levels}
 
 
 def _healthy(base: str) -> bool:
@@ -199,16 +245,38 @@ def render(doc: dict) -> str:
         lines.append(f"| `{name}` | {r['wall_s']} | {r['time_vs_sodiff_run']} | "
                      f"{r['images_per_s']} | {r['images_s']} | {r['images_s_per_worker']} | "
                      f"{r['other_s']} | {r.get('identical_to_sodiff_run', '-')} |")
-    s = doc["serve"]
-    lines += ["", f"A bare `ray.init()` + `ray.shutdown()`: {doc['ray_startup_s']} s.", "",
-              f"## sodiff-serve: {s['replicas']} replicas, --max-batch {s['max_batch']} "
-              f"(start-up {s['startup_s']} s, exit code {s['exit_code']} after SIGINT)", "",
-              "| clients | requests | failed | p50 ms | p99 ms | requests/s |",
-              "|---|---|---|---|---|---|"]
-    for c, r in s["clients"].items():
-        lines.append(f"| {c} | {r['requests']} | {r['failed']} | {r['p50_ms']} | "
-                     f"{r['p99_ms']} | {r['requests_per_s']} |")
+    lines += ["", f"A bare `ray.init()` + `ray.shutdown()`: {doc['ray_startup_s']} s."]
+    for s in doc["serve"]:
+        lines += ["", f"## sodiff-serve: {s['replicas']} replicas, --max-batch {s['max_batch']}"
+                  f"{', a replica SIGKILLed 1 s into the 16-client level' if s['replica_killed'] else ''}"
+                  f" (start-up {s['startup_s']} s; after SIGTERM exit code {s['exit_code']}, "
+                  f"{s['ray_processes_left']} Ray processes left)", "",
+                  "| clients | requests | 200 | other answers | p50 ms | p95 ms | p99 ms | "
+                  "max ms | requests/s |", "|---|---|---|---|---|---|---|---|---|"]
+        for c, r in s["clients"].items():
+            other = ", ".join(f"{k}: {v}" for k, v in r["not_ok"].items()) or "-"
+            lines.append(f"| {c} | {r['requests']} | {r['ok']} | {other} | {r['p50_ms']} | "
+                         f"{r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | "
+                         f"{r['requests_per_s']} |")
+    lines += ["", f"Serving against sodiff-batch ({doc['overhead']['batch']}): "
+              f"{doc['overhead']['text']}"]
     return "\n".join(lines) + "\n"
+
+
+def overhead(doc: dict, replicas: int) -> dict:
+    """sodiff-serve's best requests/s (batching on, no kill) against sodiff-batch's images/s
+    with as many workers, both from its wall time and from its images' own time."""
+    name = f"sodiff-batch --workers {min(replicas, 2)} --threads 1"
+    batch = doc["batch"][name]
+    best = max(r["requests_per_s"] for r in doc["serve"][0]["clients"].values())
+    steady = doc["images"] / batch["images_s_per_worker"]
+    return {"batch": f"`{name}`", "serve_requests_per_s": best,
+            "ratio_to_wall": round(best / batch["images_per_s"], 3),
+            "ratio_to_images_time": round(best / steady, 3),
+            "text": f"{best} requests/s at best, {round(best / batch['images_per_s'], 2)}x its "
+                    f"{batch['images_per_s']} images/s over the whole command, "
+                    f"{round(best / steady, 2)}x its {round(steady, 2)} images/s over the "
+                    f"images' own time"}
 
 
 @version_option()
@@ -232,7 +300,10 @@ def main(engine, images, replicas, max_batch, out):
                "load_before": load_before}
         doc["ray_startup_s"] = round(ray_startup_s(), 2)
         doc["batch"] = bench_batch(engine, work / "src", work, images)
-        doc["serve"] = bench_serve(engine, photos, replicas, max_batch)
+        doc["serve"] = [bench_serve(engine, photos, replicas, max_batch, work),
+                        bench_serve(engine, photos, replicas, 1, work),
+                        bench_serve(engine, photos, replicas, max_batch, work, kill=True)]
+        doc["overhead"] = overhead(doc, replicas)
     doc["load_after"] = C.load_average()
     C.write_json(out.with_suffix(".json"), doc)
     C.write_text(out.with_suffix(".md"), render(doc))
