@@ -306,6 +306,46 @@ def test_a_replica_killed_under_load_loses_no_request(server, photos, reference)
     assert "died under a request (attempt 1)" in log.read_text()  # the retry was exercised
 
 
+def test_batched_responses_carry_each_images_own_headers(tmp_path_factory, photos):
+    """--tile-batch 4 on an engine that takes batches: same-shape requests meet in one
+    restore_batch_info call, and each answer still says its own image's tau and QF."""
+    from fixtures.runtime_engines import batched_tiny_engine
+    from runtime import Restorer
+    from runtime.imageio import read_image
+    engine = batched_tiny_engine(tmp_path_factory.mktemp("tiny-batched-serve"))
+    url, proc, log = start_server(engine, tmp_path_factory.mktemp("batched-serve"),
+                                  "--max-batch", "4", "--tile-batch", "4")
+    try:
+        chosen = photos[:4]  # one crop size: their tiles go through the engines together
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda p: (p, post(url, p.read_bytes())), chosen * 2))
+            y, x = np.mgrid[:768, :768]  # then a second signal ends a drain at once
+            slow = io.BytesIO()
+            Image.fromarray(((x + 2 * y) // 12 % 256).astype(np.uint8)).save(slow, "JPEG")
+            held = pool.submit(post, url, slow.getvalue())
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+            try:
+                held.result()  # answered or cut off: either way it did not hold the stop
+            except OSError:
+                pass
+        assert "unfinished" in log.read_text()
+    finally:
+        stop_server(proc)
+    with Restorer(engine, threads=1) as r:
+        want = {p: r.restore_info(read_image(p).array, jpeg=read_image(p).jpeg)[1]
+                for p in chosen}
+    assert any(int(h["X-SODiff-Batch"]) > 1 for _, (_, h, _) in answers)
+    for path, (status, headers, data) in answers:
+        assert status == 200, data
+        assert headers["X-SODiff-Tau"] == f"{want[path]['tau']:.3f}"
+        assert headers["X-SODiff-QF"] == f"{want[path]['qf_predicted']:.2f}"
+        assert headers["X-SODiff-Constraint"] == "file"
+
+
 QUEUED, TIMEOUT_S = 3, 2.0  # the bounded server's --max-queued and --timeout-s
 
 
