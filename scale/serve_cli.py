@@ -61,14 +61,12 @@ EXIT_UNUSABLE = 2
 @restore_options
 def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, port,
          max_bytes, max_pixels, quality, address, threads, api_key, max_queued, timeout_s,
-         drain_s, backend, device, tile,
-         overlap,
-         tile_batch, timestep, no_verify, no_keep_colour, no_jpeg_constraint,
-         no_gate):
+         drain_s, backend, device, tile, overlap, tile_batch, timestep, no_verify,
+         no_keep_colour, no_jpeg_constraint, no_gate):
     """Serve restoration over HTTP: POST an image to /restore[?format=png|jpg|webp], get the
     restored image back (tau, QF and timings in X-SODiff-* and Server-Timing headers).
-    GET /healthz reports liveness. Ctrl-C (or SIGTERM) drains it: requests in flight finish,
-    new ones get 503; a second signal stops at once."""
+    GET /healthz reports liveness, GET /metrics Prometheus metrics. Ctrl-C (or SIGTERM)
+    drains it: requests in flight finish, new ones get 503; a second signal stops at once."""
     from runtime.config import RestoreOptions
     from runtime.errors import EngineDirError
 
@@ -114,8 +112,8 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
                             quality=quality, api_key=api_key or None, door=name, queued=queued,
                             timeout_s=timeout_s)
         _start(engine, restore, replicas, cpus_per_replica, gpus_per_replica, host, port, opts)
-        say(f"sodiff-serve: http://{host}:{port}  (POST /restore, GET /healthz); Ctrl-C stops "
-            f"it")
+        say(f"sodiff-serve: http://{host}:{port}  (POST /restore, GET /healthz, GET /metrics); "
+            f"Ctrl-C stops it")
         stop.wait()
         left = drain(door, drain_s, hurry.is_set, say)
         say("sodiff-serve: stopping" + (f" with {left} request(s) unfinished" if left else ""))
