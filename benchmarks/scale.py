@@ -142,21 +142,6 @@ def post(url: str, body: bytes) -> tuple[str, float]:
     return status, (time.perf_counter() - t) * 1000
 
 
-def replica_pids(session: str) -> list[int]:
-    """Restore replicas of the local Ray session `session` (their parent names it)."""
-    from scale.drain import session_processes
-    parents, found = set(session_processes(session)), []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            title = (entry / "cmdline").read_bytes()
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"ServeReplica:sodiff:RestoreReplica" in title and ppid in parents:
-            found.append(int(entry.name))
-    return found
-
-
 def load_level(base: str, bodies: list[bytes], clients: int, kill=None) -> dict:
     """`clients` concurrent clients, REQUESTS_PER_CLIENT requests each; `kill()` runs once a
     second into the level."""
@@ -183,6 +168,8 @@ def bench_serve(engine: Path, images: list[Path], replicas: int, max_batch: int,
                 work: Path, kill: bool = False) -> dict:
     """One sodiff-serve under every CLIENTS level; with `kill`, one replica is SIGKILLed a
     second into the 16-client level."""
+    from scale.drain import replica_pids, session_processes
+
     port, log = free_port(), work / f"serve-{max_batch}-{kill}.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen([str(BIN / "sodiff-serve"), "--engine", str(engine), "--port",
@@ -218,7 +205,6 @@ def bench_serve(engine: Path, images: list[Path], replicas: int, max_batch: int,
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
-    from scale.drain import session_processes
     return {"replicas": replicas, "max_batch": max_batch, "startup_s": round(startup, 1),
             "replica_killed": bool(killed), "exit_code": rc,
             "ray_processes_left": len(session_processes(session)), "clients": levels}

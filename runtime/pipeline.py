@@ -177,10 +177,7 @@ class Restorer:
         batches = self._restore_tiles([im], ms, progress)
         out = self._finish(im)
         ms["total"] = (time.perf_counter() - start) * 1000
-        tiles = {**im.layout.info(), "batch": self.tile_batch, "batches": batches}
-        info = {**im.info, "size": [out.shape[1], out.shape[0]], "tiles": tiles,
-                "ms": {k: round(v, 2) for k, v in ms.items()}}
-        return out, info
+        return out, self._report(im, out, batches, ms)
 
     def restore_batch(self, images: list[np.ndarray], qfs: list[int | None] | None = None,
                       jpegs: list[JpegTables | None] | None = None) -> list[np.ndarray]:
@@ -210,19 +207,20 @@ class Restorer:
         groups: dict[tuple[int, int], list[_Image]] = {}
         for im in todo:  # the engines batch tensors of one shape
             groups.setdefault((im.layout.th, im.layout.tw), []).append(im)
-        batches = {id(im): self._restore_tiles(group, ms, None)
-                   for group in groups.values() for im in group[:1]}
+        batches = {key: self._restore_tiles(group, ms, None) for key, group in groups.items()}
         outs = [self._finish(im) for im in todo]
         ms["total"] = (time.perf_counter() - start) * 1000
-        ms = {k: round(v, 2) for k, v in ms.items()}
-        found = []
-        for im, out in zip(todo, outs):
-            group = groups[(im.layout.th, im.layout.tw)]
-            tiles = {**im.layout.info(), "batch": self.tile_batch,
-                     "batches": batches[id(group[0])], "images": len(group)}
-            found.append((out, {**im.info, "size": [out.shape[1], out.shape[0]], "tiles": tiles,
-                                "ms": dict(ms)}))
-        return found
+        keys = [(im.layout.th, im.layout.tw) for im in todo]
+        return [(out, self._report(im, out, batches[key], ms, images=len(groups[key])))
+                for im, out, key in zip(todo, outs, keys)]
+
+    def _report(self, im: _Image, out: np.ndarray, batches: int, ms: dict,
+                **tiles) -> dict:
+        """restore_info's dict for one restored image (`tiles`: more tile facts)."""
+        return {**im.info, "size": [out.shape[1], out.shape[0]],
+                "tiles": {**im.layout.info(), "batch": self.tile_batch, "batches": batches,
+                          **tiles},
+                "ms": {k: round(v, 2) for k, v in ms.items()}}
 
     # -- stages -----------------------------------------------------------------------------
     def _prepare(self, image: np.ndarray, qf: int | None, ms: dict,

@@ -108,6 +108,21 @@ def session_processes(session: str) -> list[int]:
     return found
 
 
+def replica_pids(session: str) -> list[int]:
+    """Pids of the restore replicas of the local Ray session `session`: processes Serve
+    titled RestoreReplica whose parent (the raylet) names the session."""
+    parents, found = set(session_processes(session)), []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            title = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"ServeReplica:sodiff:RestoreReplica" in title and ppid in parents:
+            found.append(int(entry.name))
+    return found
+
+
 def reap(session: str | None, wait_s: float = 10.0) -> int:
     """Stop what is left of the local cluster `session` after ray.shutdown() (its dashboard
     and runtime-env agents outlive it): SIGTERM, then SIGKILL after `wait_s`; returns how many
@@ -136,7 +151,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except OSError:
         return False
-    return Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)
+    return "zombie" not in _state(pid)
 
 
 def _state(pid: int) -> str:
