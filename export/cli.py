@@ -37,8 +37,12 @@ _TARGET_HELP = "; ".join(f"{t.name} ({', '.join(t.aliases)}): {t.summary}" for t
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Folder of LQ images: calibrated tau, real parity samples, QF table.")
 @click.option("--precision", multiple=True,
-              help="fp16 | fp32 (default: fp32 for onnx, fp16 for trt); repeat with "
+              help="fp32 | fp16 | int8 | fp8 (default: fp32 for onnx, fp16 for trt); int8 "
+                   "and fp8 quantize the UNet (docs/export.md); repeat with "
                    "COMPONENT=PRECISION to override one, e.g. vae_decoder=fp32.")
+@click.option("--calibration-count", type=int, default=64, show_default=True,
+              help="int8/fp8: JPEG crops the 8-bit components are calibrated on (from "
+                   "--calibration, else scikit-image's photos).")
 @click.option("--shape", help="Static image size: 512 or HxW (default: SAIPE's input size).")
 @click.option("--dynamic", help="Image size range MIN:OPT:MAX (TensorRT profiles), e.g. "
                                 "256:512:1024.")
@@ -50,12 +54,13 @@ _TARGET_HELP = "; ".join(f"{t.name} ({', '.join(t.aliases)}): {t.summary}" for t
               help="Random parity samples (plus up to as many calibration images).")
 @click.option("--timing-cache", type=click.Path(path_type=Path),
               help="TensorRT timing cache (default: ENGINE_DIR/timing.cache).")
-@click.option("--force", is_flag=True, help="Rebuild components whose inputs did not change.")
+@click.option("--force", is_flag=True, help="Rebuild components whose inputs did not change, "
+                                           "and keep 8-bit components over their quality bound.")
 @click.option("--gate-images", type=click.Path(path_type=Path),
               help="Folder of clean images to measure the high-QF gate on with the new "
                    "engines (default: the checkpoint's gate.json, if it has one).")
 def main(checkpoint, base, preset, random_weights, seed, target, out, timestep, calibration,
-         precision, shape, dynamic, batch, components, opset, samples, timing_cache, force,
+         precision, calibration_count, shape, dynamic, batch, components, opset, samples, timing_cache, force,
          gate_images):
     """Export a SODiff model to an engine directory (ONNX graphs or TensorRT engines and a
     manifest.json for sodiff-run)."""
@@ -68,7 +73,8 @@ def main(checkpoint, base, preset, random_weights, seed, target, out, timestep, 
             opts = ExportOptions(
                 out=out, target=target, checkpoint=checkpoint, base=base, preset=preset,
                 random_weights=random_weights, seed=seed, timestep=timestep,
-                calibration=calibration, precision=default_prec, precision_overrides=overrides,
+                calibration=calibration, calibration_count=calibration_count,
+                precision=default_prec, precision_overrides=overrides,
                 shape=parse_size(shape, "--shape") if shape else None,
                 dynamic=parse_dynamic(dynamic) if dynamic else None, batch=parse_batch(batch),
                 components=tuple(c.strip() for c in components.split(",") if c.strip())

@@ -3,7 +3,8 @@
 Rules (shared/reference/tensorrt-onnx-ops.md, encoded in `trt_ops`): every op in the accepted
 list (with version/opset for later additions), no custom domains, initializer-only inputs
 where TensorRT requires them, Resize in nearest/linear mode, no random ops, and no int64
-arithmetic that can leave int32 (TensorRT casts INT64 to INT32).
+arithmetic that can leave int32 (TensorRT casts INT64 to INT32); Q/DQ in the form TensorRT's
+explicit quantization takes (lint_qdq.py).
 
 The int64 rule propagates value ranges: constants are exact, Clip/Min/Max/Floor narrow, and
 arithmetic follows interval rules. Values derived from tensor shapes (Shape, Size, indices) are
@@ -21,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import trt_ops
 from .errors import LintProblem
+from .lint_qdq import qdq_problems
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Pow", "Sum", "CumSum",
@@ -90,10 +92,16 @@ class _Graph:
         self.base_dir = base_dir
         self.inits = {t.name: t for t in graph.initializer}
         self.const_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+        # Dequantized constants are weights to TensorRT (explicit quantization's form).
+        self.dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"
+                            and n.input and self.is_const(n.input[0])}
         self._values: dict[str, np.ndarray | None] = {}
 
     def is_const(self, name: str) -> bool:
         return name in self.inits or name in self.const_nodes
+
+    def is_weight(self, name: str) -> bool:
+        return self.is_const(name) or name in self.dequantized
 
     def value(self, name: str) -> np.ndarray | None:
         if name not in self._values:
@@ -172,7 +180,7 @@ def _op_problems(node: onnx.NodeProto, g: _Graph | None, opset: int,
                     f"export the distribution's mean (deterministic) instead"))
     for idx, what in trt_ops.NEEDS_INITIALIZER.get(op, ()):
         name = node.input[idx] if len(node.input) > idx else ""
-        if name and g is not None and not g.is_const(name):
+        if name and g is not None and not g.is_weight(name):
             out.append(("needs-initializer", f"input {idx} ({what}) {name!r} must be an "
                         f"initializer (constant) for TensorRT"))
     if op == "Resize":
@@ -225,6 +233,7 @@ def lint_model(model: onnx.ModelProto, component: str, base_dir: Path | None = N
             ranges[out] = r
         if node.op_type in ARITHMETIC and types.get(node.output[0]) == TensorProto.INT64:
             problems += _int64_problems(node, name, g, r, component)
+    problems += qdq_problems(model, g, types, component)
     warnings = [f"{component}: {t.name} is DOUBLE; TensorRT casts it to FLOAT (clamped)"
                 for t in model.graph.initializer if t.data_type == TensorProto.DOUBLE]
     warnings += [f"{component}: tensor {n} is DOUBLE; TensorRT casts it to FLOAT (clamped)"

@@ -8,11 +8,16 @@ from pathlib import Path
 from sodiff.config import PRESETS, parse_timestep_mode
 
 from .errors import OptionError
-from .specs import COMPONENTS
+from .specs import COMPONENTS, QUANTIZED
 from .targets import get_target, suggest
 
 TIMESTEP_MODES = ("predicted", "fixed", "calibrated")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", *QUANTIZED)
+# What a global `--precision int8|fp8` quantizes; the rest stays in the target's default
+# precision. The anchors' set is the UNet, and the VAE where its bound holds: int8 VAE does on
+# the bundled model, fp8 VAE loses over 1 dB (benchmarks/results/quantized_tiny.md).
+DEFAULT_QUANTIZED = {"int8": ("unet", "vae_encoder", "vae_decoder"), "fp8": ("unet",)}
+MAX_CALIBRATION = 4096
 MIN_PREDICTOR_SIDE = 8  # the predictor's stem is one 8x8 JPEG block
 # The largest engines worth building: the runtime refuses dirs beyond these (runtime/config.py
 # MAX_ENGINE_SIDE, MAX_ENGINE_BATCH) and tiles larger images through smaller engines anyway;
@@ -33,7 +38,9 @@ class ExportOptions:
     random_weights: bool = False               # seeded random init: latency work, no weights
     seed: int = 0                              # seed of random weights and random samples
     timestep: str = "predicted"                # "predicted" | "fixed:N" | "calibrated"
-    calibration: Path | None = None            # LQ images: calibrated tau, parity, QF table
+    calibration: Path | None = None            # LQ images: calibrated tau, parity, QF table,
+    #                                            int8/fp8 calibration
+    calibration_count: int = 64                # int8/fp8: JPEG crops to calibrate on
     precision: str | None = None               # every component's precision (None: target's)
     precision_overrides: tuple[tuple[str, str], ...] = ()  # (component, precision) pairs
     shape: Size | None = None                  # static image size (None: SAIPE's input size)
@@ -124,8 +131,10 @@ def components_for(opts: ExportOptions) -> tuple[str, ...]:
 
 def precision_of(opts: ExportOptions) -> dict[str, str]:
     """Each exported component's precision, overrides applied."""
-    default = opts.precision or get_target(opts.target).precisions[0]
-    result = {c: default for c in components_for(opts)}
+    target_default = get_target(opts.target).precisions[0]
+    default = opts.precision or target_default
+    result = {c: default if default not in QUANTIZED or c in DEFAULT_QUANTIZED[default]
+              else target_default for c in components_for(opts)}
     result.update(dict(opts.precision_overrides))
     return result
 
@@ -215,6 +224,9 @@ def _check_shapes(opts: ExportOptions, target, problems: list[str]) -> None:
     lo, hi = target.opsets
     if not lo <= opts.opset <= hi:
         problems.append(f"--opset {opts.opset} is outside {lo}..{hi} for target {target.name}")
+    if not 1 <= opts.calibration_count <= MAX_CALIBRATION:
+        problems.append(f"--calibration-count {opts.calibration_count}: expected 1.."
+                        f"{MAX_CALIBRATION} crops")
     if opts.samples < 1:
         problems.append(f"--samples {opts.samples}: parity needs at least 1 sample")
     if len(opts.batch) != 3 or not 1 <= opts.batch[0] <= opts.batch[1] <= opts.batch[2]:

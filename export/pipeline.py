@@ -3,6 +3,7 @@ parity -> lint -> TensorRT -> manifest (last). Library entry point: `run_export`
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import sys
 import time
@@ -21,9 +22,10 @@ from sodiff.config import get_preset
 from sodiff.model import SODiff
 
 from . import manifest as mf
+from . import quantize as qt
 from . import trt_ops
 from .errors import (ComponentExportError, ExportError, LintError, MissingCheckpointError,
-                     OptionError, ParityError, PrerequisiteError)
+                     OptionError, ParityError, PrerequisiteError, RuntimeFailure)
 from .islands import flagged_islands, outermost
 from .lint import lint_file
 from .onnx_export import finish_component, trace_component
@@ -32,7 +34,7 @@ from .options import (ExportOptions, components_for, image_sizes, parse_timestep
 from .parity import check_parity, compare, fp16_safety
 from .samples import (calibrate_tau, folder_digest, list_images, load_image, qf_table,
                       reference_run, sample_batches, synthetic_images)
-from .specs import COMPONENTS, component_specs, dims
+from .specs import COMPONENTS, QUANTIZED, base_precision, component_specs, dims
 from .targets import get_target
 from .wrappers import build_wrappers, for_export, fp32_islands
 
@@ -123,6 +125,8 @@ class _Plan:
                   "target": self.target.name, "shapes": self.shapes, "samples": opts.samples,
                   "seed": opts.seed, "calibration": calib_digest, "trt": trt_info}
         self._common, self._tau = common, timestep["value"]
+        self.quantized = {n: p for n, p in self.precision.items() if p in QUANTIZED}
+        self.calibration_count = opts.calibration_count
         self.digests = {n: self.digest(n, self.precision[n]) for n in self.names}
         # Components of this timestep mode that were not asked for: a previous export's
         # entries for them stay in the manifest while still valid.
@@ -130,8 +134,16 @@ class _Plan:
                             (timestep["mode"] == "predicted" or c != "predictor"))
 
     def digest(self, name: str, precision: str) -> str:
-        return mf.source_hash({**self._common, "component": name, "precision": precision,
-                               "tau": self._tau if name == "unet" else None})
+        from .quantize import RECIPES
+        parts = {**self._common, "component": name, "precision": precision,
+                 "tau": self._tau if name == "unet" else None}
+        if precision in QUANTIZED:  # only then: fp32/fp16 digests stay those of older exports
+            parts["quant"] = {"recipe": RECIPES[precision], "count": self.calibration_count}
+        return mf.source_hash(parts)
+
+    def opset(self, name: str, opset: int) -> int:
+        from .quantize import QUANT_OPSET
+        return max(opset, QUANT_OPSET) if name in self.quantized else opset
 
 
 def run_export(opts: ExportOptions, log: Log = _stderr) -> Path:
@@ -159,9 +171,20 @@ def run_export(opts: ExportOptions, log: Log = _stderr) -> Path:
     todo = [n for n in plan.names if n not in entries]
     out.mkdir(parents=True, exist_ok=True)
     (out / mf.MANIFEST).unlink(missing_ok=True)  # from here on, the folder is unfinished
-    refs = {}
+    work = out / f".raw-quant-{os.getpid()}"  # 8-bit components' float32/float16 twins
+    try:
+        return _finish_export(opts, plan, loaded, timestep, real, todo, entries, gate_files,
+                              out, work, started, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _finish_export(opts: ExportOptions, plan: "_Plan", loaded: Loaded, timestep: dict,
+                   real: list, todo: list[str], entries: dict, gate_files, out: Path,
+                   work: Path, started: float, log: Log) -> Path:
+    cfg, target, refs, judge = loaded.model.cfg, plan.target, {}, None
     if todo:
-        new, refs = _export_onnx(opts, plan, loaded, timestep, real, todo, out, log)
+        new, refs, judge = _export_onnx(opts, plan, loaded, timestep, real, todo, out, work, log)
         entries.update(new)
     lint = _lint(plan, [n for n in COMPONENTS if n in entries], out, log)
     if target.name == "trt":
@@ -174,6 +197,9 @@ def run_export(opts: ExportOptions, log: Log = _stderr) -> Path:
                                  checkpoint=loaded.checkpoint, timestep=timestep,
                                  shapes=plan.shapes, components=components, lint=lint)
     path = mf.write_manifest(out, manifest)
+    if judge is not None:
+        manifest = _judge(opts, plan, manifest, judge, out, work, log)
+        path = mf.write_manifest(out, manifest)
     gate = _gate(opts, loaded, gate_files, out, log)
     if gate is not None:
         path = mf.write_manifest(out, {**manifest, "gate": gate})
@@ -223,20 +249,26 @@ def _reusable_entries(plan: _Plan, old: dict | None, out: Path, log: Log) -> dic
 def _trt_info(opts: ExportOptions) -> tuple[str, tuple[int, int]]:
     """(TensorRT version, GPU compute capability), refusing before any export what they
     cannot build: a TensorRT outside 10.12..11.x, or fp16 on a GPU without float16."""
-    from .trt import MIN_FP16_CC, compute_capability, trt_version, version_problem
+    from .trt import (MIN_FP8_CC, MIN_FP16_CC, MIN_INT8_CC, compute_capability, trt_version,
+                      version_problem)
     version, cc = trt_version(), compute_capability()
     if (problem := version_problem(version)) is not None:
         raise PrerequisiteError(f"{problem}; nothing was written")
-    fp16 = sorted(n for n, p in precision_of(opts).items() if p == "fp16")
-    if fp16 and tuple(cc) < MIN_FP16_CC:
-        raise OptionError(f"--precision fp16 ({', '.join(fp16)}): this GPU (compute capability "
-                          f"{cc[0]}.{cc[1]}) has no float16 arithmetic; use --precision fp32")
+    precisions = precision_of(opts)
+    for prec, need, what in (("fp16", MIN_FP16_CC, "float16 arithmetic"),
+                             ("int8", MIN_INT8_CC, "INT8 tensor cores"),
+                             ("fp8", MIN_FP8_CC, "FP8 tensor cores (Ada or Hopper)")):
+        names = sorted(n for n, p in precisions.items() if p == prec)
+        if names and tuple(cc) < need:
+            raise OptionError(f"--precision {prec} ({', '.join(names)}): this GPU (compute "
+                              f"capability {cc[0]}.{cc[1]}) has no {what}; use --precision "
+                              f"fp16 or fp32")
     return version, tuple(cc)
 
 
 def _export_onnx(opts: ExportOptions, plan: _Plan, loaded: Loaded, timestep: dict,
-                 real: list, todo: list[str], out: Path, log: Log
-                 ) -> tuple[dict[str, dict], dict]:
+                 real: list, todo: list[str], out: Path, work: Path, log: Log
+                 ) -> tuple[dict[str, dict], dict, "qt.Judge | None"]:
     model, cfg = loaded.model, loaded.model.cfg
     if cfg.lora is not None and not model.lora_merged:
         model.merge_lora()  # in place: this model instance is the export's own copy
@@ -249,33 +281,73 @@ def _export_onnx(opts: ExportOptions, plan: _Plan, loaded: Loaded, timestep: dic
     log(f"[samples] {', '.join(f'{s}: {x.shape[0]}' for s, x in batches)} at "
         f"{plan.opt_size[0]}x{plan.opt_size[1]} ({time.perf_counter() - t0:.1f} s)")
     islands, whole = _fp16_islands(plan, wrappers, refs, todo, log)
-    raw = {}
+    quant = [n for n in todo if n in plan.quantized]
+    cal = feeds = None
+    if quant:
+        cal, feeds = qt.calibration_feeds(opts, plan, wrappers, quant, cfg, log)
+    raw, raw32 = {}, {}
     try:
         for n in _bar(todo, "trace"):
             t0, spec, prec = time.perf_counter(), plan.specs[n], plan.precision[n]
+            base, opset = base_precision(prec), plan.opset(n, opts.opset)
             flagged = tuple(i for i in islands.get(n, ()) if i not in fp32_islands(wrappers[n]))
-            module = for_export(wrappers[n], spec, prec, flagged)
-            raw[n] = trace_component(module, spec, prec, plan.trace_dims, opts.opset, out,
-                                     opts.seed)
+            module = for_export(wrappers[n], spec, base, flagged)
+            raw[n] = trace_component(module, spec, base, plan.trace_dims, opset, out, opts.seed)
             del module
-            _log_above_bar(log, f"[trace] {n} ({prec}) ({time.perf_counter() - t0:.1f} s)")
+            if n in quant:  # the float32 twin: calibration and the quality reference
+                raw32[n] = trace_component(wrappers[n], spec, "fp32", plan.trace_dims, opset,
+                                           out, opts.seed)
+            _log_above_bar(log, f"[trace] {n} ({prec}, opset {opset}) "
+                                f"({time.perf_counter() - t0:.1f} s)")
         # Free PyTorch's model before clean-up and onnxruntime load the (many-GB) graphs.
         del wrappers, model, loaded.model
         gc.collect()
-        stats = {}
+        stats, judge = {}, qt.Judge({}, cal.held_out if cal else [], {})
         for n in _bar(todo, "clean-up"):
             t0 = time.perf_counter()
-            stats[n] = finish_component(raw[n], plan.specs[n], plan.precision[n],
-                                        out / f"{n}.onnx")
+            spec, prec = plan.specs[n], plan.precision[n]
+            stats[n] = finish_component(raw[n], spec, base_precision(prec),
+                                        out / f"{n}.onnx" if n not in quant else
+                                        qt.twin(work, n, "fp16"))
             del raw[n]
+            if n in quant:
+                finish_component(raw32[n], spec, "fp32", qt.twin(work, n, "fp32"))
+                del raw32[n]
+                stats[n]["external_data"] = None
+                judge.recipes[n] = qt.quantize_twins(work, n, prec, out / f"{n}.onnx",
+                                                     feeds[n], cal, log)
+                judge.fp32[n] = qt.fp32_entry(work, n, spec)
             _log_above_bar(log, f"[onnx] {n}: {stats[n]['nodes_before']} -> "
                                 f"{stats[n]['nodes_after']} nodes"
                                 f"{' + external data' if stats[n]['external_data'] else ''} "
                                 f"({time.perf_counter() - t0:.1f} s)")
     finally:
-        for path in raw.values():  # traced but never cleaned up (an error stopped us)
+        for path in (*raw.values(), *raw32.values()):  # traced, never cleaned up (an error)
             shutil.rmtree(path.parent, ignore_errors=True)
-    return _parity(plan, refs, stats, todo, out, log, islands, whole), refs
+    entries = _parity(plan, refs, stats, todo, out, log, islands, whole)
+    for n, recipe in judge.recipes.items():
+        entries[n]["quantization"] = recipe
+    return entries, refs, judge if quant else None
+
+
+def _judge(opts: ExportOptions, plan: _Plan, manifest: dict, judge: "qt.Judge", out: Path,
+           work: Path, log: Log) -> dict:
+    """The 8-bit components' PSNR loss on the held-out images, in their entries; refuses the
+    dir (no manifest) when one is over its bound, unless --force."""
+    from .quality import QualityError, measure, refusals
+    results = measure(out, manifest, judge.fp32, plan.quantized, judge.held_out,
+                      work / "quality", log)
+    comps = {n: {**e, "quantization": {**e["quantization"], "quality": results[n]}}
+             if n in results else e for n, e in manifest["components"].items()}
+    bad = refusals(results, plan.quantized)
+    if bad and not opts.force:
+        (out / mf.MANIFEST).unlink(missing_ok=True)
+        raise QualityError("; ".join(bad) + "; nothing is usable in this dir: export those in "
+                           "fp16 (e.g. --precision unet=fp16), calibrate on images like yours "
+                           "(--calibration DIR), or keep them anyway with --force")
+    for b in bad:
+        log(f"[quality] kept with --force: {b}")
+    return {**manifest, "components": comps}
 
 
 def _fp16_islands(plan: _Plan, wrappers: dict, refs: dict, todo: list[str], log: Log
@@ -284,7 +356,7 @@ def _fp16_islands(plan: _Plan, wrappers: dict, refs: dict, todo: list[str], log:
     risky value was found that only the whole component in fp32 could hold."""
     islands, whole = {}, {}
     for n in todo:
-        if plan.precision[n] != "fp16":
+        if base_precision(plan.precision[n]) != "fp16":
             continue
         flagged, whole[n] = flagged_islands(refs[n].op_max, refs[n].out_max)
         islands[n] = tuple(outermost(list(fp32_islands(wrappers[n], tuple(flagged)))))
@@ -308,6 +380,10 @@ def _parity(plan: _Plan, refs: dict, stats: dict, todo: list[str], out: Path, lo
     for n in todo:
         t0, spec, prec = time.perf_counter(), plan.specs[n], plan.precision[n]
         parity, fails = check_parity(out / f"{n}.onnx", spec, prec, refs[n])
+        if prec in QUANTIZED:  # judged on restored images (_judge); a graph that fails to
+            # run still refuses. Random images are outside any calibration's ranges.
+            fails = [f for f in fails if isinstance(f, RuntimeFailure)]
+            parity["gating"] = False
         failures += fails
         fp16 = fp16_safety(n, refs[n].max_abs, refs[n].nonfinite,
                            [i.to_dict() for i in islands[n]] if n in islands else None,
@@ -315,7 +391,7 @@ def _parity(plan: _Plan, refs: dict, stats: dict, todo: list[str], out: Path, lo
         log(f"[parity] {n}: max abs {parity.get('max_abs', float('nan')):.3g} "
             f"(tolerance {parity.get('tolerance', float('nan')):.3g}, "
             f"{parity.get('samples', 0)} samples, {parity.get('checked_with')}) "
-            f"{'ok' if not fails else 'FAILED'}; "
+            f"{'FAILED' if fails else 'recorded' if prec in QUANTIZED else 'ok'}; "
             f"largest activation {fp16['max_abs_activation']:.4g} "
             f"({'at risk in fp16' if fp16['at_risk'] else 'fp16-safe'}) "
             f"({time.perf_counter() - t0:.1f} s)")
@@ -365,8 +441,12 @@ def _build_engines(plan: _Plan, todo: list[str], entries: dict, refs: dict, out:
             built = trt.build_engine(out / f"{n}.onnx", out / engine, prec, profile, cache)
         except Exception as e:  # noqa: BLE001 - parser/builder errors, reported typed
             raise ComponentExportError(n, "TensorRT build", f"{type(e).__name__}: {e}") from e
+        # An 8-bit engine is held to its own Q/DQ graph run by onnxruntime (the quantization
+        # is the graph's; what it costs is measured on images), the others to PyTorch.
+        ref = qt.graph_samples(out / f"{n}.onnx", spec, prec, refs[n]) \
+            if prec in QUANTIZED else refs[n]
         parity, fails = compare(lambda feeds: trt.run_engine(out / engine, feeds), spec, prec,
-                                refs[n], "tensorrt")
+                                ref, "tensorrt")
         failures += fails
         entries[n].update({**mf.file_entry(out, engine, None), "backend": "trt",
                            "engine_parity": parity,

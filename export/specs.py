@@ -9,6 +9,14 @@ from dataclasses import dataclass
 COMPONENTS = ("saipe", "predictor", "vae_encoder", "unet", "vae_decoder")
 
 FLOAT16, FLOAT32 = "float16", "float32"
+QUANTIZED = ("int8", "fp8")  # 8-bit Q/DQ graphs (export/quantize.py) on a float16 graph
+HALF_BASED = frozenset({"fp16", *QUANTIZED})  # precisions whose graphs are float16 around
+
+
+def base_precision(precision: str) -> str:
+    """The float precision a graph is traced in: a quantized graph is a float16 graph (with
+    its float32 islands) that Q/DQ pairs are added to."""
+    return "fp16" if precision in HALF_BASED else "fp32"
 Dim = int | str  # an int is fixed; a string is a symbol: B (batch), H/W (image), h/w (latent)
 
 
@@ -19,7 +27,7 @@ class TensorSpec:
     follows_precision: bool = True  # False: float32 whatever the precision (timestep, qf)
 
     def dtype(self, precision: str) -> str:
-        return FLOAT16 if precision == "fp16" and self.follows_precision else FLOAT32
+        return FLOAT16 if precision in HALF_BASED and self.follows_precision else FLOAT32
 
     def concrete(self, dims: dict[str, int]) -> tuple[int, ...]:
         return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
@@ -45,6 +53,8 @@ class ComponentSpec:
     fp16_tolerance: Tolerance   # fp16 graphs (or fp16 I/O) against the same fp32 wrapper
 
     def tolerance(self, precision: str) -> Tolerance:
+        if precision in QUANTIZED:
+            return QUANTIZED_TOLERANCE
         return self.fp16_tolerance if precision == "fp16" else self.fp32_tolerance
 
     @property
@@ -71,6 +81,12 @@ class ComponentSpec:
         """TensorRT optimization-profile shapes of every input."""
         return {t.name: {"min": list(t.concrete(lo)), "opt": list(t.concrete(opt)),
                          "max": list(t.concrete(hi))} for t in self.inputs}
+
+
+# 8-bit graphs against the fp32 wrapper: a gross check that the graph is the component (a
+# broken Q/DQ graph is off by the output's whole scale); what quantization costs is judged by
+# the restored images' PSNR (export/quality.py), not by this bound.
+QUANTIZED_TOLERANCE = Tolerance(5e-2, 1.5e-1)
 
 
 def dims(batch: int, size: tuple[int, int], vae_factor: int) -> dict[str, int]:

@@ -17,6 +17,8 @@ TIMING_CACHE = "timing.cache"
 MIN_VERSION = (10, 12)     # the first release where strongly typed builds are the documented way
 MAX_MAJOR = 11             # the newest major release whose API this module follows
 MIN_FP16_CC = (5, 3)       # GPUs before sm_53 have no float16 arithmetic
+MIN_INT8_CC = (7, 5)       # INT8 tensor cores: Turing and newer
+MIN_FP8_CC = (8, 9)        # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) and newer
 
 
 class TrtBuildError(RuntimeError):

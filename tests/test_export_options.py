@@ -79,7 +79,7 @@ def test_components_and_precisions(tmp_path):
     (dict(checkpoint=Path("ck"), preset="tiny", random_weights=True), ["one or the other"]),
     (dict(base=Path("b"), preset="tiny", random_weights=True), ["--base is only used"]),
     (dict(target="trt", opset=20), ["outside 17..18"]),
-    (dict(precision="fp8"), ["not available"]),
+    (dict(precision="bf16"), ["not available"]),
     (dict(preset="sd21", random_weights=True, timestep="calibrated",
           calibration=Path("/")), ["untrained predictor"]),
     (dict(dynamic=((512, 512), (256, 256), (1024, 1024))), ["MIN <= OPT <= MAX"]),

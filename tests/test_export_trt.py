@@ -222,3 +222,30 @@ def test_tiny_engines_build_and_match_onnxruntime(tmp_path):
         out = got[c["outputs"][0]["name"]].astype(np.float32)
         assert_close(out, ref.astype(np.float32), NETWORK,
                      dtype="float16" if c["precision"] == "fp16" else "float32", msg=name)
+
+
+def _trt_8bit(tmp_path, precision):
+    opts = ExportOptions(out=tmp_path / "eng", target="trt", preset="tiny", random_weights=True,
+                         shape=(64, 64), precision_overrides=(("unet", precision),),
+                         calibration_count=8, force=True)  # random weights: keep whatever loss
+    return json.loads(run_export(opts, log=lambda s: None).read_text())
+
+
+def test_8bit_unet_engine_is_built_strongly_typed_with_no_precision_flag(tmp_path, fake_gpu):
+    trt = fake_gpu()
+    m = _trt_8bit(tmp_path, "int8")
+    plan = next(p for p in trt.build_log if Path(p["onnx"]).stem == "unet")
+    unet = m["components"]["unet"]
+    assert unet["precision"] == "int8" and plan["strongly_typed"] and plan["flags"] == []
+    assert unet["engine_parity"]["passed"] and unet["engine_parity"]["checked_with"] == "tensorrt"
+    assert m["lint"]["passed"] and unet["quantization"]["quality"]["checked_with"]
+    graph = onnx.load(str(tmp_path / "eng" / unet["trt"]["onnx"]["file"]))
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) > 20
+
+
+@pytest.mark.parametrize("precision,cc", [("fp8", (8, 6)), ("int8", (7, 0))])
+def test_8bit_on_a_gpu_without_its_tensor_cores_is_refused(tmp_path, fake_gpu, precision, cc):
+    fake_gpu(cc=cc)
+    with pytest.raises(OptionError, match=f"{cc[0]}.{cc[1]}"):
+        _trt_8bit(tmp_path, precision)
+    assert not (tmp_path / "eng").exists()
