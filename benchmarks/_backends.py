@@ -12,7 +12,7 @@ from ._common import PeakRSS, summarize
 class Backend:
     name: str        # what --backends and the tables call it
     kind: str        # "eager" | "compiled" (PyTorch), "ort" (onnxruntime), "trt" (TensorRT)
-    precision: str   # "fp32" | "fp16" | "bf16": weights and activations
+    precision: str   # "fp32" | "fp16" | "bf16" | "int8" | "fp8": weights and activations
     gpu_only: bool   # refused with --device cpu
     label: str       # table column header
 
@@ -28,6 +28,12 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     # fp16 graphs also run on onnxruntime's CPU provider (slowly): gpu_check's dry run uses it.
     Backend("ort-fp16", "ort", "fp16", False, "onnxruntime fp16"),
     Backend("trt", "trt", "fp16", True, "TensorRT fp16"),
+    # 8-bit Q/DQ graphs (the default quantized set, export/options.py). onnxruntime runs them
+    # on the CPU as simulations, slower than fp32; they are a GPU lever (TensorRT).
+    Backend("ort-int8", "ort", "int8", False, "onnxruntime int8 Q/DQ"),
+    Backend("ort-fp8", "ort", "fp8", False, "onnxruntime fp8 Q/DQ"),
+    Backend("trt-int8", "trt", "int8", True, "TensorRT int8"),
+    Backend("trt-fp8", "trt", "fp8", True, "TensorRT fp8"),
 )}
 BASELINE = "eager"  # every ratio is against PyTorch eager fp32 measured in the same run
 

@@ -49,7 +49,10 @@ def export_options(backend: Backend, s: Any, out: Path) -> Any:
         random_weights=s.checkpoint is None, precision=backend.precision,
         shape=s.sizes[0] if one_size else None,
         dynamic=None if one_size else (lo, s.sizes[0], hi),
-        batch=(min(s.batches), s.batches[0], max(s.batches)), samples=1)
+        batch=(min(s.batches), s.batches[0], max(s.batches)), samples=1,
+        # 8-bit latency runs: few calibration crops (the export's PyTorch pipeline runs on the
+        # CPU), and random weights have no quality to hold, so their loss is kept (--force).
+        calibration_count=8, force=backend.precision in ("int8", "fp8") and s.checkpoint is None)
 
 
 def engine_dir_for(backend: Backend, s: Any, cfg: Any) -> Path:

@@ -92,12 +92,14 @@ if [ "$DRY" = 1 ] || [ "$CUDA" = 0 ]; then
     # components: compiling all five takes minutes on two cores), ort-fp16 runs on the CPU.
     DEVICE=cpu; PRESET=tiny; SIZE=64; BATCH=1,2; WARMUP=0; RUNS=2
     EAGER=eager; COMPILED=compiled; COMPILE=predictor,vae_encoder,vae_decoder
-    ORT=ort,ort-fp16; TRT_BACKEND=""; [ "$ORT_CUDA" = 1 ] || ORT=""
+    ORT=ort,ort-fp16,ort-int8; TRT_BACKEND=""; TRT8=""; [ "$ORT_CUDA" = 1 ] || ORT=""
 else
     DEVICE=cuda; PRESET=sd21; SIZE=512; BATCH=1,8; WARMUP=3; RUNS=10
     EAGER=eager,eager-fp16; COMPILED=compiled-fp16; COMPILE=$ALL
     ORT=""; [ "$ORT_CUDA" = 1 ] && ORT=ort,ort-fp16
     TRT_BACKEND=""; [ "$TRT" = 1 ] && TRT_BACKEND=trt
+    # 8-bit engines (int8; fp8 needs Ada/Hopper, which the export checks): after fp16.
+    TRT8=""; [ "$TRT" = 1 ] && TRT8=trt-int8,trt-fp8
 fi
 
 # step NAME LIMIT_S BACKENDS [extra latency.py options]: one backend group, own process.
@@ -123,6 +125,7 @@ step compiled 200 "$COMPILED" --compile "$COMPILE" --channels-last --no-flops
 ONNX_DIR=${GPU_CHECK_ONNX_DIR:-/tmp/sodiff-gpu-check-onnx}
 step ort 200 "$ORT" --no-flops --onnx-dir "$ONNX_DIR"
 step trt 240 "$TRT_BACKEND" --no-flops --onnx-dir "$ONNX_DIR"
+step trt8 200 "$TRT8" --no-flops --onnx-dir "$ONNX_DIR"
 
 section "merged report"
 RESULT="latency_${PRESET}_${DEVICE}"

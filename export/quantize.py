@@ -29,7 +29,8 @@ from .errors import CalibrationError, ComponentExportError, PrerequisiteError
 
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
 # Layers left in float16, as Model Optimizer's diffusers example filters them: the time
-# embedding and its per-block projections, the first and last convolutions, the shortcuts.
+# embedding and its per-block projections, the first and last convolutions, the shortcuts
+# (and attention's activation-by-activation MatMuls, `_attention`).
 KEEP_HALF = re.compile(r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|"
                        r"add_embedding).*")
 QUANT_OPSET = 19            # QuantizeLinear/DequantizeLinear with float16 scales and float8
@@ -197,6 +198,13 @@ def tensor_map(half: onnx.ModelProto, full: onnx.ModelProto) -> dict[str, str]:
     return found
 
 
+def _attention(node: onnx.NodeProto, weights: set[str]) -> bool:
+    """A MatMul of two activations (attention's QK^T and its product with V): left in float16
+    as Model Optimizer leaves attention unless asked (its `quantize_mha`); Linear layers are
+    MatMuls with a weight."""
+    return node.op_type == "MatMul" and not any(i in weights for i in node.input)
+
+
 def _types(model: onnx.ModelProto) -> dict[str, int]:
     g = onnx.shape_inference.infer_shapes(model).graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info, *g.output)}
@@ -284,15 +292,19 @@ def quantize(fp32_graph: Path, fp16_graph: Path, dst: Path, precision: str,
     full_half = onnx.load(str(fp16_graph))
     types = _types(full_half)
     islands = island_nodes(half, types)
+    weights = {t.name for t in half.graph.initializer}
     kept = [n.name for n in half.graph.node if n.op_type in QUANT_OPS
-            and n.name not in islands and KEEP_HALF.match(n.name)]
+            and n.name not in islands and (KEEP_HALF.match(n.name) or _attention(n, weights))]
     excluded = islands + kept
     overrides = _fp8_weight_scales(full_half, excluded) if precision == "fp8" else {}
     del full_half
+    # MinMax's augmented graph reduces each tensor to its min and max in the graph, so it
+    # keeps two scalars per tensor and feed. (Its `max_intermediate_outputs` would drop what
+    # was collected, not merge it, in onnxruntime 1.32.)
     options = {"symmetric": True}
     if recipe.percentile is not None:
         options["percentile"] = recipe.percentile
-    with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".raw-calibration-", dir=dst.parent) as tmp:
         calibrator = create_calibrator(fp32_graph, list(QUANT_OPS),
                                        augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=method, extra_options=options)

@@ -73,9 +73,12 @@ def test_qdq_graph_is_symmetric_typed_and_per_channel(request, which, qtype):
     assert weights > 20
     # Nothing quantized on the float32 islands or in the layers kept in float16; the rest is.
     dequantized = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+    weights = set(inits) | {n.output[0] for n in nodes
+                            if n.op_type == "DequantizeLinear" and n.input[0] in inits}
     computed = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
     for n in computed:
-        kept = "time_embedding" in n.name or KEEP_HALF.match(n.name)
+        attention = n.op_type == "MatMul" and not any(i in weights for i in n.input)
+        kept = "time_embedding" in n.name or KEEP_HALF.match(n.name) or attention
         assert any(i in dequantized for i in n.input) != bool(kept), n.name
 
 
