@@ -10,7 +10,7 @@ import io
 from ray import serve
 
 from .config import BATCH_WAIT_S, DEFAULT_MAX_BATCH, MEDIA_TYPES
-from .service import PIL_FORMATS, RequestError, ServeOptions, _headers
+from .protocol import PIL_FORMATS, RequestError, ServeOptions, _headers
 
 
 class RestoreReplica:

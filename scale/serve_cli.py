@@ -72,7 +72,7 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
 
     from .cluster import ClusterError, check_engine, check_resources, connect, disconnect
     from .drain import drain, open_door, reap, session_dir
-    from .service import ServeOptions
+    from .protocol import ServeOptions
 
     restore = RestoreOptions(backend=backend, device=device, tile=tile, overlap=overlap,
                              tile_batch=tile_batch, timestep=timestep, threads=threads,

@@ -8,20 +8,19 @@ others are named by their file name, as `sodiff-run` names files.
 """
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
 from runtime.batch import Job, collect_inputs
 
-from .config import CSV_PATH_COLUMN, LIST_SUFFIXES
+from .config import LIST_SUFFIXES
+from .listfile import parse_list
+from .storage import find_remote, is_uri
 
 
 def find_inputs(src: str) -> tuple[list[tuple[Path, Path | None]], list[Job]]:
     """(file, folder its output name is relative to, or None) for SRC, plus refused jobs for
     entries that match nothing -- `collect_inputs`' result."""
-    from .storage import find_remote, is_uri
-
     if is_uri(src):
         return find_remote(src)
     path = Path(src).expanduser()
@@ -49,18 +48,3 @@ def read_list(path: Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read the list ({type(e).__name__}: {e})") from None
     return parse_list(text, str(path))
-
-
-def parse_list(text: str, name: str) -> list[str]:
-    """The paths of a list file's text: a .csv's `path` column (or its first column), else
-    one per line; blank lines and lines starting with # are skipped."""
-    if not name.lower().endswith(".csv"):
-        return [line.strip() for line in text.splitlines()
-                if line.strip() and not line.lstrip().startswith("#")]
-    rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
-    column = 0
-    if rows and CSV_PATH_COLUMN in [c.strip().lower() for c in rows[0]]:
-        column = [c.strip().lower() for c in rows[0]].index(CSV_PATH_COLUMN)
-        rows = rows[1:]
-    return [r[column].strip() for r in rows
-            if len(r) > column and r[column].strip() and not r[0].lstrip().startswith("#")]

@@ -17,6 +17,7 @@ from runtime.batch import LOCAL, candidate_name
 from runtime.errors import ImageError
 
 from .config import LIST_SUFFIXES
+from .listfile import parse_list
 
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 GLOB_CHARS = frozenset("*?[")
@@ -127,8 +128,6 @@ def find_remote(src: str):
     system -> ([(path, root or None)], refused jobs)."""
     from pyarrow import fs as pafs
     from runtime.batch import Job
-
-    from .sources import parse_list
 
     filesystem, path = open_uri(src)
     info = filesystem.get_file_info(path)

@@ -405,10 +405,10 @@ def test_gpu_check_cpu_fallback_writes_the_merged_report(tmp_path):
     md = (out / "latency_tiny_cpu.md").read_text()
     assert "| **Pipeline** |" in md and "onnxruntime fp32" in md and "onnxruntime fp16" in md
     doc = json.loads((out / "latency_tiny_cpu.json").read_text())
-    # Every GPU column's CPU stand-in ran: compiled (with --channels-last), both onnxruntime
-    # precisions through the runtime's bound path.
+    # Every GPU column's CPU stand-in ran: compiled (with --channels-last), the onnxruntime
+    # precisions through the runtime's bound path (int8: the Q/DQ graphs TensorRT would build).
     assert {r["backend"] for r in doc["measurements"]} == {"eager", "compiled", "ort",
-                                                             "ort-fp16"}
+                                                             "ort-fp16", "ort-int8"}
     assert {r["module"] for r in doc["measurements"] if r["backend"] == "compiled"} == {
         "predictor", "vae_encoder", "vae_decoder", "pipeline"}
     log = (out / "gpu_check.log").read_text()

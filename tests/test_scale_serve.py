@@ -243,7 +243,7 @@ def test_a_serve_batch_call_restores_each_image_as_restore_does(tmp_path, tile_b
     from fixtures.runtime_engines import edit_manifest, identity_engine
     from runtime import Restorer, RestoreOptions
     from scale.replica import RestoreReplica
-    from scale.service import ServeOptions, _headers
+    from scale.protocol import ServeOptions, _headers
 
     eng = identity_engine(tmp_path / "engine")
     edit_manifest(eng, lambda m: m["shapes"].update(batch={"min": 1, "opt": 4, "max": 4}))

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import BackendError, EngineDirError
 from ..manifest import ComponentSpec
-from . import GPU_EXTRA, Backend, Tensor
+from .base import GPU_EXTRA, Backend, Tensor
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 # onnxruntime's type strings of the dtypes a manifest may name

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import BackendError, EngineDirError
 from ..manifest import ComponentSpec, Manifest
-from . import GPU_EXTRA, Backend, installed
+from .base import GPU_EXTRA, Backend, installed
 
 
 def cudart():
