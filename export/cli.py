@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from runtime.cliopts import CONTEXT_SETTINGS, needs_extra, version_option
+from sodiff.config import PRESETS
 
 from .errors import ExportError
 from .options import (ExportOptions, parse_batch, parse_dynamic, parse_precisions,
@@ -24,7 +25,8 @@ _TARGET_HELP = "; ".join(f"{t.name} ({', '.join(t.aliases)}): {t.summary}" for t
               help="Checkpoint folder (default: the bundled weights/tiny).")
 @click.option("--base", type=click.Path(path_type=Path),
               help="Local SD2.1-base folder, for checkpoints trained on one.")
-@click.option("--preset", help="Architecture to build with --random-weights (tiny, sd21).")
+@click.option("--preset", help=f"Architecture to build with --random-weights "
+                                f"({', '.join(PRESETS)}).")
 @click.option("--random-weights", is_flag=True,
               help="Seeded random weights (latency work without a checkpoint).")
 @click.option("--seed", type=int, default=0, show_default=True,

@@ -55,7 +55,7 @@ def compute_capability() -> tuple[int, int]:
 
 
 def engine_file_name(component: str, version: str, cc: tuple[int, int]) -> str:
-    """`unet.trt10.3.0.sm90.plan`: the TensorRT version and GPU in the name (engine-dir.md)."""
+    """`unet.trt10.12.0.sm90.plan`: the TensorRT version and GPU in the name (engine-dir.md)."""
     return f"{component}.trt{version}.sm{cc[0]}{cc[1]}.plan"
 
 

@@ -120,3 +120,13 @@ def test_user_docs_name_no_paths_outside_the_repository():
     bad = [f"{d.name}:{i}" for d in DOCS for i, line in enumerate(d.read_text().splitlines(), 1)
            if "../shared" in line or "/work/" in line]
     assert bad == []
+
+
+def test_every_results_file_has_an_index_line():
+    """benchmarks/results/README.md names every file (or folder) there."""
+    results = REPO / "benchmarks" / "results"
+    index = (results / "README.md").read_text()
+    stems = {p.name.split(".")[0] for p in results.iterdir() if p.name != "README.md"}
+    assert "quality_tiny" in stems
+    missing = sorted(s for s in stems if f"`{s}" not in index and f"`{s}/" not in index)
+    assert missing == [], f"benchmarks/results/README.md lacks a line for {missing}"
