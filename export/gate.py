@@ -137,3 +137,26 @@ def main(engine_dir, images, out, limit):
 
 if __name__ == "__main__":
     main()
+
+
+def gate_for_export(opts, checkpoint: dict, files: list[Path] | None, out: Path, log: Log
+                    ) -> dict | None:
+    """The high-QF gate of an export: measured now on --gate-images with the engines just
+    written, or the checkpoint's own gate.json (measured once for its weights), or none."""
+    from .errors import ExportError
+    if files is not None:
+        log(f"[gate] measuring on {len(files)} images of {opts.gate_images}")
+        return fit_gate(out, files, log=log)
+    if opts.random_weights:
+        return None
+    try:
+        found = checkpoint_gate(checkpoint["path"])
+    except ValueError as e:
+        raise ExportError(f"{checkpoint['path']}/{GATE_FILE}: {e}; fix or delete it, or "
+                          f"measure a new one with --gate-images DIR") from None
+    if found is None:
+        log("[gate] none: the checkpoint has no gate.json (measure one with --gate-images DIR)")
+    else:
+        log("[gate] the checkpoint's: " + ", ".join(
+            f"QF {q:g}: {w:g}" for q, w in zip(found["qf"], found["weight"])))
+    return found

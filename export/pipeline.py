@@ -162,7 +162,10 @@ def run_export(opts: ExportOptions, log: Log = _stderr) -> Path:
     loaded = load_model(opts)
     cfg = loaded.model.cfg
     validate_for_model(opts, cfg.pad_multiple, cfg.saipe.image_size)
-    trt_info = _trt_info(opts) if target.name == "trt" else None
+    trt_info = None
+    if target.name == "trt":  # refuses a TensorRT or GPU that cannot build these precisions
+        from .trt import check_build
+        trt_info = check_build(precision_of(opts))
     real = [load_image(p) for p in calib_files]
     timestep = _timestep(opts, loaded.model, real, log)
     plan = _Plan(opts, loaded, timestep, folder_digest(calib_files) if calib_files else None,
@@ -198,36 +201,15 @@ def _finish_export(opts: ExportOptions, plan: "_Plan", loaded: Loaded, timestep:
                                  shapes=plan.shapes, components=components, lint=lint)
     path = mf.write_manifest(out, manifest)
     if judge is not None:
-        manifest = _judge(opts, plan, manifest, judge, out, work, log)
+        from .quality import judge_dir
+        manifest = judge_dir(manifest, judge, plan.quantized, opts.force, out, work, log)
         path = mf.write_manifest(out, manifest)
-    gate = _gate(opts, loaded, gate_files, out, log)
+    from .gate import gate_for_export
+    gate = gate_for_export(opts, loaded.checkpoint, gate_files, out, log)
     if gate is not None:
         path = mf.write_manifest(out, {**manifest, "gate": gate})
     log(f"[done] {out} ({len(components)} components, {time.perf_counter() - started:.1f} s)")
     return path
-
-
-def _gate(opts: ExportOptions, loaded: Loaded, files: list[Path] | None, out: Path, log: Log
-          ) -> dict | None:
-    """The high-QF gate: measured now on --gate-images with the engines just written, or the
-    checkpoint's own gate.json (measured once for its weights), or none."""
-    from . import gate as gt
-    if files is not None:
-        log(f"[gate] measuring on {len(files)} images of {opts.gate_images}")
-        return gt.fit_gate(out, files, log=log)
-    if opts.random_weights:
-        return None
-    try:
-        found = gt.checkpoint_gate(loaded.checkpoint["path"])
-    except ValueError as e:
-        raise ExportError(f"{loaded.checkpoint['path']}/{gt.GATE_FILE}: {e}; fix or delete "
-                          f"it, or measure a new one with --gate-images DIR") from None
-    if found is None:
-        log("[gate] none: the checkpoint has no gate.json (measure one with --gate-images DIR)")
-    else:
-        log("[gate] the checkpoint's: " + ", ".join(
-            f"QF {q:g}: {w:g}" for q, w in zip(found["qf"], found["weight"])))
-    return found
 
 
 def _reusable_entries(plan: _Plan, old: dict | None, out: Path, log: Log) -> dict[str, dict]:
@@ -244,26 +226,6 @@ def _reusable_entries(plan: _Plan, old: dict | None, out: Path, log: Log) -> dic
             entries[n] = e
             log(f"[keep] {n}: not asked for; the previous export's entry is still valid")
     return entries
-
-
-def _trt_info(opts: ExportOptions) -> tuple[str, tuple[int, int]]:
-    """(TensorRT version, GPU compute capability), refusing before any export what they
-    cannot build: a TensorRT outside 10.12..11.x, or fp16 on a GPU without float16."""
-    from .trt import (MIN_FP8_CC, MIN_FP16_CC, MIN_INT8_CC, compute_capability, trt_version,
-                      version_problem)
-    version, cc = trt_version(), compute_capability()
-    if (problem := version_problem(version)) is not None:
-        raise PrerequisiteError(f"{problem}; nothing was written")
-    precisions = precision_of(opts)
-    for prec, need, what in (("fp16", MIN_FP16_CC, "float16 arithmetic"),
-                             ("int8", MIN_INT8_CC, "INT8 tensor cores"),
-                             ("fp8", MIN_FP8_CC, "FP8 tensor cores (Ada or Hopper)")):
-        names = sorted(n for n, p in precisions.items() if p == prec)
-        if names and tuple(cc) < need:
-            raise OptionError(f"--precision {prec} ({', '.join(names)}): this GPU (compute "
-                              f"capability {cc[0]}.{cc[1]}) has no {what}; use --precision "
-                              f"fp16 or fp32")
-    return version, tuple(cc)
 
 
 def _export_onnx(opts: ExportOptions, plan: _Plan, loaded: Loaded, timestep: dict,
@@ -284,7 +246,8 @@ def _export_onnx(opts: ExportOptions, plan: _Plan, loaded: Loaded, timestep: dic
     quant = [n for n in todo if n in plan.quantized]
     cal = feeds = None
     if quant:
-        cal, feeds = qt.calibration_feeds(opts, plan, wrappers, quant, cfg, log)
+        from .calibration import calibration_feeds
+        cal, feeds = calibration_feeds(opts, plan, wrappers, quant, cfg, log)
     raw, raw32 = {}, {}
     try:
         for n in _bar(todo, "trace"):
@@ -328,26 +291,6 @@ def _export_onnx(opts: ExportOptions, plan: _Plan, loaded: Loaded, timestep: dic
     for n, recipe in judge.recipes.items():
         entries[n]["quantization"] = recipe
     return entries, refs, judge if quant else None
-
-
-def _judge(opts: ExportOptions, plan: _Plan, manifest: dict, judge: "qt.Judge", out: Path,
-           work: Path, log: Log) -> dict:
-    """The 8-bit components' PSNR loss on the held-out images, in their entries; refuses the
-    dir (no manifest) when one is over its bound, unless --force."""
-    from .quality import QualityError, measure, refusals
-    results = measure(out, manifest, judge.fp32, plan.quantized, judge.held_out,
-                      work / "quality", log)
-    comps = {n: {**e, "quantization": {**e["quantization"], "quality": results[n]}}
-             if n in results else e for n, e in manifest["components"].items()}
-    bad = refusals(results, plan.quantized)
-    if bad and not opts.force:
-        (out / mf.MANIFEST).unlink(missing_ok=True)
-        raise QualityError("; ".join(bad) + "; nothing is usable in this dir: export those in "
-                           "fp16 (e.g. --precision unet=fp16), calibrate on images like yours "
-                           "(--calibration DIR), or keep them anyway with --force")
-    for b in bad:
-        log(f"[quality] kept with --force: {b}")
-    return {**manifest, "components": comps}
 
 
 def _fp16_islands(plan: _Plan, wrappers: dict, refs: dict, todo: list[str], log: Log

@@ -115,3 +115,22 @@ def refusals(results: dict[str, dict], precisions: dict[str, str]) -> list[str]:
             f"fp32 (bound {r['bound_db']:.2f} dB, QF {max(r['loss_db'], key=r['loss_db'].get)}"
             f", {len(r['images'])} held-out images)" for n, r in results.items()
             if not r["passed"]]
+
+
+def judge_dir(manifest: dict, judge, precisions: dict[str, str], force: bool, out: Path,
+              work: Path, log: Log) -> dict:
+    """The 8-bit components' PSNR loss on the held-out images, in their entries; refuses the
+    dir (its manifest removed) when one is over its bound, unless `force` (--force)."""
+    results = measure(out, manifest, judge.fp32, precisions, judge.held_out,
+                      work / "quality", log)
+    comps = {n: {**e, "quantization": {**e["quantization"], "quality": results[n]}}
+             if n in results else e for n, e in manifest["components"].items()}
+    bad = refusals(results, precisions)
+    if bad and not force:
+        (out / mf.MANIFEST).unlink(missing_ok=True)
+        raise QualityError("; ".join(bad) + "; nothing is usable in this dir: export those in "
+                           "fp16 (e.g. --precision unet=fp16), calibrate on images like yours "
+                           "(--calibration DIR), or keep them anyway with --force")
+    for b in bad:
+        log(f"[quality] kept with --force: {b}")
+    return {**manifest, "components": comps}

@@ -48,6 +48,24 @@ def version_problem(version: str) -> str | None:
     return None
 
 
+def check_build(precisions: dict[str, str]) -> tuple[str, tuple[int, int]]:
+    """(TensorRT version, GPU compute capability), refusing before any export what they
+    cannot build: a TensorRT outside 10.12..11.x, or a precision the GPU lacks."""
+    from .errors import OptionError, PrerequisiteError
+    version, cc = trt_version(), compute_capability()
+    if (problem := version_problem(version)) is not None:
+        raise PrerequisiteError(f"{problem}; nothing was written")
+    for prec, need, what in (("fp16", MIN_FP16_CC, "float16 arithmetic"),
+                             ("int8", MIN_INT8_CC, "INT8 tensor cores"),
+                             ("fp8", MIN_FP8_CC, "FP8 tensor cores (Ada or Hopper)")):
+        names = sorted(n for n, p in precisions.items() if p == prec)
+        if names and tuple(cc) < need:
+            raise OptionError(f"--precision {prec} ({', '.join(names)}): this GPU (compute "
+                              f"capability {cc[0]}.{cc[1]}) has no {what}; use --precision "
+                              f"fp16 or fp32")
+    return version, tuple(cc)
+
+
 def compute_capability() -> tuple[int, int]:
     """(major, minor) of the current CUDA device: an engine only runs on the same kind."""
     import torch
