@@ -172,6 +172,9 @@ def run_export(opts: ExportOptions, log: Log = _stderr) -> Path:
                  trt_info)
     entries = _reusable_entries(plan, None if opts.force else mf.read_manifest(out), out, log)
     todo = [n for n in plan.names if n not in entries]
+    if any(n in plan.quantized for n in todo):
+        from .quality import check_whole
+        check_whole(set(plan.names) | set(entries), timestep["mode"], out)
     out.mkdir(parents=True, exist_ok=True)
     (out / mf.MANIFEST).unlink(missing_ok=True)  # from here on, the folder is unfinished
     work = out / f".raw-quant-{os.getpid()}"  # 8-bit components' float32/float16 twins

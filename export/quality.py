@@ -14,6 +14,7 @@ import numpy as np
 
 from . import manifest as mf
 from .errors import ExportError
+from .specs import COMPONENTS
 
 QUALITY_QFS = (10, 40)
 # The most PSNR (dB) a quantized component may lose against float32, worse of the two QFs.
@@ -85,9 +86,6 @@ def measure(out: Path, manifest: dict, fp32: dict[str, dict], precisions: dict[s
             images: list[tuple[str, np.ndarray]], work: Path, log: Log) -> dict[str, dict]:
     """Per quantized component (`fp32`: its float32 graph's entry fields, with `path`), the
     manifest's `quality` entry: its PSNR loss against float32 with the others unchanged."""
-    missing = [c for c in fp32 if c not in manifest["components"]]
-    if missing:
-        raise ExportError(f"cannot judge {', '.join(missing)}: not in the engine dir")
     ref_dir = variant_dir(out, manifest, fp32, work / REFERENCE)
     ref = psnr_at(ref_dir, images)
     results = {}
@@ -115,6 +113,18 @@ def refusals(results: dict[str, dict], precisions: dict[str, str]) -> list[str]:
             f"fp32 (bound {r['bound_db']:.2f} dB, QF {max(r['loss_db'], key=r['loss_db'].get)}"
             f", {len(r['images'])} held-out images)" for n, r in results.items()
             if not r["passed"]]
+
+
+def check_whole(present: set[str], mode: str, out: Path) -> None:
+    """Refuse, before any work, 8-bit components whose dir will lack the rest of the pipeline
+    (the quality check restores images through all of it)."""
+    missing = [c for c in COMPONENTS if c not in present and (mode == "predicted"
+                                                              or c != "predictor")]
+    if missing:
+        raise ExportError(f"8-bit components are judged on restored images, which needs the "
+                          f"whole pipeline in {out}: {', '.join(missing)} missing; export them "
+                          f"too (without --components, or into a dir that holds them); "
+                          f"nothing was written")
 
 
 def judge_dir(manifest: dict, judge, precisions: dict[str, str], force: bool, out: Path,

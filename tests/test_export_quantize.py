@@ -158,3 +158,42 @@ def test_calibration_count_is_bounded(count):
     with pytest.raises(OptionError, match="--calibration-count"):
         validate_options(ExportOptions(out=Path("x"), precision="int8",
                                        calibration_count=count))
+
+
+def _photos(folder: Path, n: int) -> Path:
+    from PIL import Image
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        y, x = np.mgrid[0:40 + 8 * i, 0:56]
+        im = np.stack([x * 4, y * 3, (x + y) * 2], -1) % 256 + rng.integers(0, 9, (*x.shape, 3))
+        Image.fromarray(im.astype(np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
+def test_calibration_folder_gives_deterministic_crops_and_a_held_out_part(tmp_path):
+    from export.calibration import CALIBRATION_QFS, calibration_set
+    folder = _photos(tmp_path / "cal", 6)
+    a = calibration_set(folder, 5, (32, 48), seed=0)
+    assert [c.shape for c in a.crops] == [(32, 48, 3)] * 5
+    assert a.qfs == list(CALIBRATION_QFS[:5])
+    assert [n for n, _ in a.held_out] == ["p5.png"]  # the last quarter, never calibrated on
+    assert a.source == "calibration folder cal"
+    assert calibration_set(folder, 5, (32, 48), seed=0).sha256 == a.sha256
+    assert calibration_set(folder, 5, (32, 48), seed=1).sha256 != a.sha256
+
+
+def test_a_calibration_folder_of_one_image_is_refused(tmp_path):
+    from export.calibration import calibration_set
+    from export.errors import CalibrationError
+    with pytest.raises(CalibrationError, match="at least 2 images"):
+        calibration_set(_photos(tmp_path / "cal", 1), 4, (32, 32), seed=0)
+
+
+def test_an_8bit_component_without_the_rest_of_the_pipeline_is_refused(tmp_path):
+    from export.errors import ExportError
+    with pytest.raises(ExportError, match="vae_decoder missing") as e:
+        _export(tmp_path / "eng", "unet=int8", components=("saipe", "predictor", "vae_encoder",
+                                                           "unet"))
+    assert "--components" in str(e.value)
+    assert not (tmp_path / "eng").exists()  # refused before anything was written
