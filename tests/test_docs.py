@@ -130,3 +130,40 @@ def test_every_results_file_has_an_index_line():
     assert "quality_tiny" in stems
     missing = sorted(s for s in stems if f"`{s}" not in index and f"`{s}/" not in index)
     assert missing == [], f"benchmarks/results/README.md lacks a line for {missing}"
+
+
+_TOP = ("benchmarks/", "docs/", "export/", "runtime/", "scale/", "sodiff/", "training/",
+        "tests/", "weights/", "demo/", ".ci/")
+_RESULT_PREFIXES = ("quality_", "evaluate_", "latency_", "gate_", "memory-", "scale-",
+                    "quantized_", "vae_roundtrip", "fuzz-")
+
+
+def _expand(token: str) -> list[str]:
+    m = re.search(r"\{([^{}]*)\}", token)
+    if not m:
+        return [token]
+    return [x for alt in m.group(1).split(",")
+            for x in _expand(token[:m.start()] + alt + token[m.end():])]
+
+
+def _named_files(text: str) -> set[str]:
+    found = set()
+    for token in re.findall(r"`([^`\s]+)`", text):
+        token = token.rstrip(".,:;)")
+        for t in _expand(token):
+            if t.startswith(_TOP) and "*" not in t and "$" not in t:
+                found.add(t.split("#")[0].split(":")[0])
+            elif "/" not in t and t.startswith(_RESULT_PREFIXES) and \
+                    t.endswith((".json", ".md", ".png")):
+                found.add(f"benchmarks/results/**/{t}")
+    return found
+
+
+def test_no_doc_names_a_file_the_repo_lacks():
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    missing = sorted(f"{d.relative_to(REPO)}: {f}" for d in docs
+                     for f in _named_files(d.read_text())
+                     if not ((REPO / f).exists() or "**" in f and any(REPO.glob(f))))
+    assert "benchmarks/results/**/quality_tiny.md" in _named_files(
+        "`quality_tiny.{md,json}`")  # braces expand, bare result names resolve
+    assert missing == []
