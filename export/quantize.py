@@ -239,6 +239,9 @@ def quantize(fp32_graph: Path, fp16_graph: Path, dst: Path, precision: str,
             quiet.setLevel(level)
     import onnxruntime
     return {**asdict(recipe), "ops": list(recipe.ops), "onnxruntime": onnxruntime.__version__,
+            # How the CPU checks ran it: onnxruntime's own Q/DQ kernels, float8 ones included
+            # (opset 19), not a simulation written here.
+            "cpu_execution": "onnxruntime CPU QuantizeLinear/DequantizeLinear-19 kernels",
             "kept_half": KEEP_HALF.pattern, "excluded_islands": len(islands),
             "excluded_kept_half": len(kept),
             "quantized_nodes": sum(1 for n in half.graph.node if n.op_type in QUANT_OPS)

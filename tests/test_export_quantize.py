@@ -91,6 +91,7 @@ def test_manifest_records_precision_recipe_calibration_and_quality(int8):
     for n in ("vae_encoder", "unet", "vae_decoder"):
         q = comps[n]["quantization"]
         assert q["precision"] == "int8" and q["calibrator"] == "MinMax" and q["symmetric"]
+        assert "onnxruntime" in q["cpu_execution"]
         assert q["calibration"]["source"] == "scikit-image photos"
         assert q["calibration"]["crops"] == 16 and len(q["calibration"]["sha256"]) == 64
         assert set(q["calibration"]["held_out"]).isdisjoint({"astronaut", "coffee"})
