@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# The exported components in pipeline order (shared/design.md), then the whole pipeline.
+# The exported components in pipeline order (docs/engine-dir.md), then the whole pipeline.
 COMPONENTS = ("saipe", "predictor", "vae_encoder", "unet", "vae_decoder")
 PIPELINE = "pipeline"
 MODULES = (*COMPONENTS, PIPELINE)

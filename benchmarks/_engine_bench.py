@@ -14,7 +14,7 @@ import numpy as np
 
 from ._common import PIPELINE
 
-# Component inputs in the order the PyTorch side passes them (shared/design.md names).
+# Component inputs in the order the PyTorch side passes them (docs/engine-dir.md names).
 INPUT_ORDER = {"saipe": ("image",), "predictor": ("image",), "vae_encoder": ("image",),
                "unet": ("latent", "timestep", "prompt"), "vae_decoder": ("clean_latent",)}
 RUNTIME_BACKEND = {"ort": "ort", "trt": "trt"}  # benchmark kind -> RestoreOptions.backend

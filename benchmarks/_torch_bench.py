@@ -1,5 +1,5 @@
 """The PyTorch side of the latency benchmark: the model, per-component callables with the
-exported components' inputs and outputs (shared/design.md), eager/compiled backends, FLOPs."""
+exported components' inputs and outputs (docs/engine-dir.md), eager/compiled backends, FLOPs."""
 from __future__ import annotations
 
 import copy

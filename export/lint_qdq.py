@@ -33,7 +33,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
                 default)
 
 
-def _out_channel_axis(consumer: onnx.NodeProto, index: int, rank: int) -> int | None:
+def out_channel_axis(consumer: onnx.NodeProto, index: int, rank: int) -> int | None:
     """The axis of a weight input that indexes output channels (None: not a weight input)."""
     op = consumer.op_type
     if op == "Conv" and index == 1:
@@ -136,7 +136,7 @@ def _per_channel(node, g, users, bad) -> None:
     if weight is None or shape is None:
         return
     for user, index in users:
-        axis = _out_channel_axis(user, index, weight.ndim)
+        axis = out_channel_axis(user, index, weight.ndim)
         if user.op_type not in WEIGHT_OPS or axis is None:
             continue
         got = _attr(node, "axis", 1) % max(weight.ndim, 1)

@@ -134,16 +134,14 @@ class _Plan:
                             (timestep["mode"] == "predicted" or c != "predictor"))
 
     def digest(self, name: str, precision: str) -> str:
-        from .quantize import RECIPES
         parts = {**self._common, "component": name, "precision": precision,
                  "tau": self._tau if name == "unet" else None}
         if precision in QUANTIZED:  # only then: fp32/fp16 digests stay those of older exports
-            parts["quant"] = {"recipe": RECIPES[precision], "count": self.calibration_count}
+            parts["quant"] = {"recipe": qt.RECIPES[precision], "count": self.calibration_count}
         return mf.source_hash(parts)
 
     def opset(self, name: str, opset: int) -> int:
-        from .quantize import QUANT_OPSET
-        return max(opset, QUANT_OPSET) if name in self.quantized else opset
+        return max(opset, qt.QUANT_OPSET) if name in self.quantized else opset
 
 
 def run_export(opts: ExportOptions, log: Log = _stderr) -> Path:

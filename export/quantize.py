@@ -74,12 +74,6 @@ class _Reader:
         self.i += 1
         return self.feeds[self.i - 1]
 
-    def __len__(self) -> int:
-        return len(self.feeds)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self.feeds, self.i = self.feeds[start_index:end_index], 0
-
 
 def _node_key(name: str) -> str:
     # The float16 graph is traced through CastIO wrappers (module `inner`), around the whole
@@ -160,7 +154,7 @@ def _fp8_weight_scales(half: onnx.ModelProto, excluded: list[str]) -> dict[str, 
     for float8 weights is the Gaussian fit too), as TensorQuantOverrides."""
     from onnx import numpy_helper
 
-    from .lint_qdq import _out_channel_axis
+    from .lint_qdq import out_channel_axis
     inits = {t.name: t for t in half.graph.initializer}
     found = {}
     for node in half.graph.node:
@@ -168,7 +162,7 @@ def _fp8_weight_scales(half: onnx.ModelProto, excluded: list[str]) -> dict[str, 
                 or node.input[1] not in inits:
             continue
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        axis = _out_channel_axis(node, 1, w.ndim)
+        axis = out_channel_axis(node, 1, w.ndim)
         amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(1)
         found[node.input[1]] = [{"axis": axis, "scale": max(float(a) / FP8_MAX, MIN_SCALE),
                                  "zero_point": 0} for a in amax]
@@ -199,17 +193,15 @@ def quantize(fp32_graph: Path, fp16_graph: Path, dst: Path, precision: str,
     recipe = RECIPES[precision]
     method = getattr(CalibrationMethod, recipe.calibrator)
     qtype = getattr(QuantType, recipe.quant_type)
-    half = onnx.load(str(fp16_graph), load_external_data=False)
+    half = onnx.load(str(fp16_graph))  # with its weights: fp8 weight scales read them
     mapping = tensor_map(half, onnx.load(str(fp32_graph), load_external_data=False))
-    full_half = onnx.load(str(fp16_graph))
-    types = _types(full_half)
+    types = _types(half)
     islands = island_nodes(half, types)
     weights = {t.name for t in half.graph.initializer}
     kept = [n.name for n in half.graph.node if n.op_type in QUANT_OPS
             and n.name not in islands and (KEEP_HALF.match(n.name) or _attention(n, weights))]
     excluded = islands + kept
-    overrides = _fp8_weight_scales(full_half, excluded) if precision == "fp8" else {}
-    del full_half
+    overrides = _fp8_weight_scales(half, excluded) if precision == "fp8" else {}
     # MinMax's augmented graph reduces each tensor to its min and max in the graph, so it
     # keeps two scalars per tensor and feed. (Its `max_intermediate_outputs` would drop what
     # was collected, not merge it, in onnxruntime 1.32.)
@@ -310,12 +302,11 @@ def quantize_twins(work: Path, name: str, precision: str, dst: Path, feeds: list
 
 def graph_samples(path: Path, spec, precision: str, samples):
     """`samples` with the outputs of the graph at `path` (onnxruntime CPU) as references."""
-    from .parity import ComponentSamples, ort_session
+    from .parity import ComponentSamples, _feeds, ort_session
     sess = ort_session(path)
     batches = []
     for source, inputs, _ in samples.batches:
-        feeds = {t.name: inputs[t.name].astype(t.dtype(precision)) for t in spec.inputs}
-        outs = sess.run(spec.output_names, feeds)
+        outs = sess.run(spec.output_names, _feeds(spec, precision, inputs))
         batches.append((source, inputs, {n: np.asarray(o, np.float32)
                                          for n, o in zip(spec.output_names, outs)}))
     return ComponentSamples(batches=batches, max_abs=samples.max_abs)
