@@ -102,7 +102,7 @@ def calibration_set(folder: Path | None, count: int, size: tuple[int, int], seed
     return CalibrationSet(source, crops, qfs, held, digest.hexdigest())
 
 
-def calibration_feeds(opts, plan, wrappers: dict, names: list[str], cfg, log
+def calibration_feeds(build, wrappers: dict, names: list[str], cfg, log
                       ) -> tuple[CalibrationSet, dict[str, list[dict[str, np.ndarray]]]]:
     """The calibration crops run through the float32 PyTorch pipeline: each quantized
     component's real inputs, batch by batch."""
@@ -112,14 +112,15 @@ def calibration_feeds(opts, plan, wrappers: dict, names: list[str], cfg, log
 
     from .samples import reference_run, to_tensor
     t0 = time.perf_counter()
-    cal = calibration_set(opts.calibration, opts.calibration_count, plan.opt_size, opts.seed)
+    plan = build.plan
+    cal = calibration_set(plan.calibration, plan.calibration_count, build.opt_size, plan.seed)
     batch = 8
     batches = [("calibration", torch.cat([to_tensor(c) for c in cal.crops[i:i + batch]]))
                for i in range(0, len(cal.crops), batch)]
-    recs = reference_run(wrappers, plan.specs, tuple(names), batches, cfg.saipe.image_size,
-                         cfg.predictor.t_max, opts.seed)
+    recs = reference_run(wrappers, build.specs, tuple(names), batches, cfg.saipe.image_size,
+                         cfg.predictor.t_max, plan.seed)
     log(f"[calibration] {len(cal.crops)} crops of {cal.source} at "
-        f"{plan.opt_size[0]}x{plan.opt_size[1]}, QF {min(cal.qfs)}-{max(cal.qfs)}, through the "
+        f"{build.opt_size[0]}x{build.opt_size[1]}, QF {min(cal.qfs)}-{max(cal.qfs)}, through the "
         f"float32 pipeline (sha256 {cal.sha256[:12]}; held out: "
         f"{', '.join(n for n, _ in cal.held_out)}) ({time.perf_counter() - t0:.1f} s)")
     return cal, {n: [ins for _, ins, _ in recs[n].batches] for n in names}

@@ -139,15 +139,14 @@ if __name__ == "__main__":
     main()
 
 
-def gate_for_export(opts, checkpoint: dict, files: list[Path] | None, out: Path, log: Log
-                    ) -> dict | None:
+def gate_for_export(plan, checkpoint: dict, out: Path, log: Log) -> dict | None:
     """The high-QF gate of an export: measured now on --gate-images with the engines just
     written, or the checkpoint's own gate.json (measured once for its weights), or none."""
     from .errors import ExportError
-    if files is not None:
-        log(f"[gate] measuring on {len(files)} images of {opts.gate_images}")
-        return fit_gate(out, files, log=log)
-    if opts.random_weights:
+    if plan.gate_files is not None:
+        log(f"[gate] measuring on {len(plan.gate_files)} images of {plan.gate_images}")
+        return fit_gate(out, list(plan.gate_files), log=log)
+    if plan.random_weights:
         return None
     try:
         found = checkpoint_gate(checkpoint["path"])

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from export import pipeline
+from export import source
 from export.cli import main
 from export.errors import OptionError
-from export.options import (ExportOptions, components_for, parse_batch, parse_dynamic,
-                            parse_precisions, parse_size, parse_timestep, precision_of,
-                            validate_for_model, validate_options)
+from export.options import (ExportOptions, parse_batch, parse_dynamic, parse_precisions,
+                            parse_size, parse_timestep)
+from export.plan import resolve_plan
 from export.targets import TARGETS, get_target
 
 
@@ -23,7 +23,7 @@ def opts(tmp_path: Path, **kw) -> ExportOptions:
 
 def refused(o: ExportOptions, *fragments: str) -> None:
     with pytest.raises(OptionError) as e:
-        validate_options(o)
+        resolve_plan(o)
     for f in fragments:
         assert f in str(e.value), (f, str(e.value))
 
@@ -57,11 +57,14 @@ def test_parsers():
 def test_components_and_precisions(tmp_path):
     o = opts(tmp_path, target="trt", timestep="fixed:300",
              precision_overrides=(("vae_decoder", "fp32"),))
-    assert components_for(o) == ("saipe", "vae_encoder", "unet", "vae_decoder")
-    assert precision_of(o) == {"saipe": "fp16", "vae_encoder": "fp16", "unet": "fp16",
-                               "vae_decoder": "fp32"}
-    assert precision_of(opts(tmp_path))["unet"] == "fp32"  # onnx defaults to fp32
-    validate_options(o)
+    plan = resolve_plan(o)
+    assert plan.target.name == "trt" and plan.timestep_mode == "fixed" and plan.fixed_tau == 300
+    assert plan.components == ("saipe", "vae_encoder", "unet", "vae_decoder")
+    assert plan.precision == {"saipe": "fp16", "vae_encoder": "fp16", "unet": "fp16",
+                              "vae_decoder": "fp32"}
+    assert resolve_plan(opts(tmp_path)).precision["unet"] == "fp32"  # onnx defaults to fp32
+    with pytest.raises(TypeError):  # frozen: no stage can change what was resolved
+        plan.precision["unet"] = "fp32"
 
 
 @pytest.mark.parametrize("kw,fragments", [
@@ -96,11 +99,16 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 
 def test_shapes_must_fit_the_model(tmp_path):
-    validate_for_model(opts(tmp_path, shape=(512, 768)), pad_multiple=64, saipe_size=512)
+    def sizes(pad_multiple, saipe_size, **kw):
+        return resolve_plan(opts(tmp_path, **kw)).for_model(pad_multiple, saipe_size).sizes
+
+    assert sizes(64, 512, shape=(512, 768)) == ((512, 768),) * 3
+    assert sizes(64, 512) == ((512, 512),) * 3  # no --shape: SAIPE's input size
+    assert sizes(8, 64, dynamic=((8, 8), (64, 64), (128, 96))) == ((8, 8), (64, 64), (128, 96))
     with pytest.raises(OptionError, match="multiples of the model's pad_multiple 64"):
-        validate_for_model(opts(tmp_path, shape=(500, 512)), pad_multiple=64, saipe_size=512)
+        sizes(64, 512, shape=(500, 512))
     with pytest.raises(OptionError, match="at least 8"):
-        validate_for_model(opts(tmp_path, shape=(4, 4)), pad_multiple=4, saipe_size=64)
+        sizes(4, 64, shape=(4, 4))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
@@ -116,7 +124,7 @@ def test_cli_trt_without_tensorrt_writes_nothing(tmp_path):
 
 
 def test_cli_missing_default_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "DEFAULT_CHECKPOINT", tmp_path / "weights" / "tiny")
+    monkeypatch.setattr(source, "DEFAULT_CHECKPOINT", tmp_path / "weights" / "tiny")
     r = CliRunner().invoke(main, ["--out", str(tmp_path / "eng")])
     assert r.exit_code == 1
     assert "bundled default checkpoint" in r.output and "--random-weights" in r.output
@@ -148,5 +156,4 @@ def test_sizes_are_bounded(tmp_path, kw, match):
     """Engines past these sizes cannot be built or held, and the runtime refuses their dirs:
     the export says so before loading anything."""
     with pytest.raises(OptionError, match=match):
-        validate_options(ExportOptions(out=tmp_path / "e", preset="tiny", random_weights=True,
-                                       **kw))
+        resolve_plan(ExportOptions(out=tmp_path / "e", preset="tiny", random_weights=True, **kw))

@@ -12,8 +12,9 @@ from onnx import TensorProto, numpy_helper
 
 from export import quality
 from export.errors import OptionError
-from export.options import ExportOptions, precision_of, validate_options
+from export.options import ExportOptions
 from export.pipeline import run_export
+from export.plan import resolve_plan
 from export.quantize import KEEP_HALF
 
 SHAPE = (64, 64)
@@ -145,11 +146,12 @@ def test_a_component_over_its_bound_is_refused_unless_forced(tmp_path, monkeypat
 
 
 def test_global_8bit_precision_quantizes_the_default_set():
-    onnx_int8 = precision_of(ExportOptions(out=Path("x"), precision="int8"))
+    onnx_int8 = resolve_plan(ExportOptions(out=Path("x"), precision="int8")).precision
     assert onnx_int8 == {"saipe": "fp32", "predictor": "fp32", "vae_encoder": "int8",
                          "unet": "int8", "vae_decoder": "int8"}
-    trt_fp8 = precision_of(ExportOptions(out=Path("x"), target="trt", precision="fp8",
-                                         precision_overrides=(("vae_decoder", "fp32"),)))
+    trt_fp8 = resolve_plan(ExportOptions(out=Path("x"), target="trt", precision="fp8",
+                                         precision_overrides=(("vae_decoder", "fp32"),))
+                           ).precision
     assert trt_fp8 == {"saipe": "fp16", "predictor": "fp16", "vae_encoder": "fp16",
                        "unet": "fp8", "vae_decoder": "fp32"}
 
@@ -157,8 +159,7 @@ def test_global_8bit_precision_quantizes_the_default_set():
 @pytest.mark.parametrize("count", [0, 5000])
 def test_calibration_count_is_bounded(count):
     with pytest.raises(OptionError, match="--calibration-count"):
-        validate_options(ExportOptions(out=Path("x"), precision="int8",
-                                       calibration_count=count))
+        resolve_plan(ExportOptions(out=Path("x"), precision="int8", calibration_count=count))
 
 
 def _photos(folder: Path, n: int) -> Path:
