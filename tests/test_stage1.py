@@ -13,7 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sodiff import checkpoint
-from training import common, stage1
+from training import stage1
+from training.config import with_crops
+from training.loop import lr_at
 from training.stage1 import Stage1Config
 from training.text_embeddings import INDEX_FILE, SHARD_PATTERN, TENSOR_NAME
 
@@ -119,18 +121,18 @@ def test_missing_base_fails_before_training(tmp_path):
 
 def test_crop_defaults_follow_the_preset(tmp_path):
     unset = config(tmp_path, crop=None)
-    assert (common.with_crops(unset, "tiny").crop, common.with_crops(unset, "sd21").crop) == \
+    assert (with_crops(unset, "tiny").crop, with_crops(unset, "sd21").crop) == \
         (64, 512)
-    assert common.with_crops(config(tmp_path, crop=32), "sd21").val_crop == 32
-    assert common.with_crops(config(tmp_path, crop=32, val_crop=48), "tiny").val_crop == 48
+    assert with_crops(config(tmp_path, crop=32), "sd21").val_crop == 32
+    assert with_crops(config(tmp_path, crop=32, val_crop=48), "tiny").val_crop == 48
 
 
 def test_lr_schedule_is_a_pure_function_of_the_step(tmp_path):
     cfg = config(tmp_path, lr=1.0, warmup_steps=4, max_steps=14, lr_schedule="cosine")
-    lrs = [common.lr_at(s, cfg) for s in range(14)]
+    lrs = [lr_at(s, cfg) for s in range(14)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[9] == pytest.approx(0.5) and lrs[13] < lrs[12] < lrs[4]
-    assert all(common.lr_at(s, config(tmp_path, lr=0.1)) == 0.1 for s in range(5))
+    assert all(lr_at(s, config(tmp_path, lr=0.1)) == 0.1 for s in range(5))
 
 
 def test_cli_bad_input_is_one_line_and_nothing_is_overwritten(tmp_path):

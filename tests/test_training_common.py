@@ -1,4 +1,4 @@
-"""training.common's CLI plumbing: every config field becomes an option of the right type."""
+"""training.config's CLI plumbing: every config field becomes an option of the right type."""
 from __future__ import annotations
 
 import dataclasses

@@ -17,7 +17,7 @@ from sodiff import checkpoint
 from sodiff.config import TINY
 from sodiff.model import SODiff
 from training import common, stage1, stage2
-from training.common import EXIT_DIVERGED, Diverged
+from training.config import EXIT_DIVERGED, Diverged
 from training.stage1 import Stage1Config
 from training.stage2 import Stage2Config
 

@@ -38,8 +38,9 @@ from sodiff.jpeg import compress
 from sodiff.model import resize_for_saipe
 from sodiff.schedule import add_noise, alphas_cumprod
 
-from . import common
-from .common import FINAL_DIR, Run, TrainConfig, opt
+from . import config, loop
+from .common import Run
+from .config import TrainConfig, opt
 from .data import JPEGPairs, folder_sources, list_images, load_rgb, to_tensor, to_uint8
 from .tiny_base import DEFAULT_VAE, VAE_FILES, check_vae
 
@@ -62,7 +63,7 @@ class DenoiserConfig(TrainConfig):
     batch_size: int = opt(16, help="crops per process per micro-batch")
     lr: float = opt(5e-4, help="Adam learning rate")
     lr_schedule: str = opt("cosine", help="constant or cosine decay to 0 at --max-steps",
-                           choices=common.LR_SCHEDULES)
+                           choices=config.LR_SCHEDULES)
     warmup_steps: int = opt(100, help="linear warm-up steps from 0 to --lr")
     max_steps: int = opt(3000, help="optimizer steps to train for")
     save_every: int = opt(500, help="write a train state every N steps (and at the end)")
@@ -81,7 +82,7 @@ class DenoiserConfig(TrainConfig):
 
 def validate_denoiser_config(cfg: DenoiserConfig) -> ModelConfig:
     """ValueError naming every bad option; returns the preset's model config."""
-    p = common.validate_common(cfg)
+    p = config.validate_common(cfg)
     model_cfg = None
     if cfg.preset not in PRESETS or not cfg.preset.startswith("tiny"):
         p.append(f"preset={cfg.preset!r} must be a tiny preset (sd21 has a pretrained UNet)")
@@ -101,7 +102,7 @@ def validate_denoiser_config(cfg: DenoiserConfig) -> ModelConfig:
         p.extend(saipe_problems(cfg.saipe, model_cfg))
     if cfg.scaling is not None and not 0 < cfg.scaling < float("inf"):
         p.append(f"scaling={cfg.scaling} must be a positive number")
-    common.raise_problems(p)
+    config.raise_problems(p)
     return model_cfg
 
 
@@ -289,13 +290,13 @@ def train(cfg: DenoiserConfig) -> Path:
              f"{model_cfg.latent_channels}x{cfg.crop // model_cfg.vae_factor}^2 scaled by "
              f"{s:g}, " + (f"prompts from {cfg.saipe}'s SAIPE" if saipe else "prompt-free"))
     for step in range(run.start_step, cfg.max_steps):
-        lr = common.lr_at(step, cfg)
-        common.set_lr(optimizer, lr)
+        lr = loop.lr_at(step, cfg)
+        loop.set_lr(optimizer, lr)
         total = 0.0
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             hq, prompt = batch["hq"], prompts(saipe, batch["lq"], model_cfg)
-            g = common.step_generator(cfg.seed, step, micro, run.acc.process_index, run.device)
+            g = loop.step_generator(cfg.seed, step, micro, run.acc.process_index, run.device)
             with torch.no_grad():
                 z0 = encode_mean(vae, hq, s)
             t = torch.randint(0, model_cfg.num_train_timesteps, (z0.shape[0],), generator=g,
@@ -320,34 +321,32 @@ def train(cfg: DenoiserConfig) -> Path:
             run.info(f"step {done}: held-out eps MSE {result['mean']:.4f} "
                      f"({', '.join(f'{k} {v:.3f}' for k, v in result.items() if k != 'mean')})")
         run.maybe_save(done)
-    run.close()
-    final = Path(cfg.out) / FINAL_DIR
-    if run.acc.is_main_process:
-        files = {}
-        if val is not None:
-            files[EVAL_FILE] = {"eps_mse": evaluate(unet, val, table, model_cfg, val_prompt),
-                                "prompt": cfg.saipe and {"saipe": str(cfg.saipe),
-                                                         "val_qf": cfg.val_qf},
-                                "images": int(val.shape[0]), "crop": cfg.val_crop,
-                                "folder": str(cfg.val_data), "steps": cfg.max_steps,
-                                "seed": cfg.seed, "scaling_factor": s}
-            images = centre_crops(cfg.val_data, cfg.val_crop, cfg.val_images).to(run.device)
-            files[NOISE_FILE] = {"scaling_factor": s, "folder": str(cfg.val_data),
-                                 "images": int(images.shape[0]), "crop": cfg.val_crop,
-                                 "per_qf": noise_levels(vae, images, s, table)}
-        export(run.acc.unwrap_model(model), Path(cfg.vae).expanduser(), final, s, files)
-        run.info(f"wrote {final}")
-    run.acc.wait_for_everyone()
-    return final
+
+    def final_eval() -> dict[str, dict]:
+        """The held-out files: eval.json and noise_levels.json."""
+        images = centre_crops(cfg.val_data, cfg.val_crop, cfg.val_images).to(run.device)
+        return {EVAL_FILE: {"eps_mse": evaluate(unet, val, table, model_cfg, val_prompt),
+                            "prompt": cfg.saipe and {"saipe": str(cfg.saipe),
+                                                     "val_qf": cfg.val_qf},
+                            "images": int(val.shape[0]), "crop": cfg.val_crop,
+                            "folder": str(cfg.val_data), "steps": cfg.max_steps,
+                            "seed": cfg.seed, "scaling_factor": s},
+                NOISE_FILE: {"scaling_factor": s, "folder": str(cfg.val_data),
+                             "images": int(images.shape[0]), "crop": cfg.val_crop,
+                             "per_qf": noise_levels(vae, images, s, table)}}
+
+    return loop.finish_run(run, lambda final, files: export(
+        run.acc.unwrap_model(model), Path(cfg.vae).expanduser(), final, s, files or {}),
+        final_eval if val is not None else None)
 
 
 @version_option()
 @click.command(context_settings=CONTEXT_SETTINGS,
                help="Pretrain a tiny preset's UNet as a diffusion denoiser (epsilon prediction, "
                "SD2.1 schedule) on the stage-0 VAE's latents; writes a base folder to OUT/final.")
-@common.config_options(DenoiserConfig)
+@config.config_options(DenoiserConfig)
 def main(**kwargs) -> None:
-    common.run_cli(train, DenoiserConfig, kwargs)
+    config.run_cli(train, DenoiserConfig, kwargs)
 
 
 if __name__ == "__main__":

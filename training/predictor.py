@@ -19,6 +19,7 @@ import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import click
@@ -32,8 +33,9 @@ from sodiff.config import PRESETS, PredictorConfig, get_preset, validate_config
 from sodiff.jpeg import compress
 from sodiff.predictor import TimestepPredictor
 
-from . import common
-from .common import FINAL_DIR, Run, TrainConfig, opt
+from . import config, loop
+from .common import Run
+from .config import TrainConfig, opt
 from .data import JPEGPairs, folder_sources, list_images, load_rgb, to_tensor
 
 WEIGHTS_FILE, META_FILE = "predictor.safetensors", "predictor.json"
@@ -51,7 +53,7 @@ class PredictorTrainConfig(TrainConfig):
     batch_size: int = opt(16, help="crops per process per micro-batch")
     lr: float = opt(1e-3, help="Adam learning rate")
     lr_schedule: str = opt("cosine", help="constant or cosine decay to 0 at --max-steps",
-                           choices=common.LR_SCHEDULES)
+                           choices=config.LR_SCHEDULES)
     max_steps: int = opt(2000, help="optimizer steps to train for")
     save_every: int = opt(250, help="write a train state every N steps (and at the end)")
     val_every: int = opt(500, help="evaluate the held-out QF MAE every N steps")
@@ -61,7 +63,7 @@ class PredictorTrainConfig(TrainConfig):
 
 def validate_predictor_config(cfg: PredictorTrainConfig) -> PredictorConfig:
     """ValueError naming every bad option; returns the preset's predictor config."""
-    p = common.validate_common(cfg)
+    p = config.validate_common(cfg)
     pcfg = None
     if cfg.preset not in PRESETS:
         p.append(f"preset={cfg.preset!r} must be one of {', '.join(PRESETS)}")
@@ -79,7 +81,7 @@ def validate_predictor_config(cfg: PredictorTrainConfig) -> PredictorConfig:
     if cfg.val_qf != UNUSED_VAL_QF:
         p.append(f"val_qf={cfg.val_qf} is not used: evaluation scores every image at QF "
                  f"{EVAL_QFS[0]}..{EVAL_QFS[-1]}")
-    common.raise_problems(p)
+    config.raise_problems(p)
     return pcfg
 
 
@@ -151,6 +153,26 @@ def load_predictor(folder: str | Path) -> TimestepPredictor:
     return predictor
 
 
+def final_evaluation(predictor: TimestepPredictor, cfg: PredictorTrainConfig, run: Run
+                     ) -> dict[str, object]:
+    """The QF MAE on every --val-data image, whole."""
+    result = evaluate(predictor, cfg.val_data, device=run.device, progress=True)
+    result["folder"] = str(cfg.val_data)
+    run.info(f"final held-out QF MAE on {cfg.val_data}: {result['qf_mae']:.2f} "
+             f"({result['images']} whole images x {len(EVAL_QFS)} QFs)")
+    return result
+
+
+def export(predictor: TimestepPredictor, cfg: PredictorTrainConfig, folder: Path,
+           evaluation: dict[str, object] | None) -> Path:
+    """The predictor folder, with what trained it and its final evaluation (when there is one)."""
+    extra: dict = {"training": {"stage": 1.5, "steps": cfg.max_steps, "seed": cfg.seed,
+                                "crop": cfg.crop, "qf": [cfg.qf_min, cfg.qf_max]}}
+    if evaluation is not None:
+        extra["eval"] = evaluation
+    return save_predictor(predictor, folder, extra)
+
+
 def train(cfg: PredictorTrainConfig) -> Path:
     """Pretrain the preset's predictor on QF as `cfg` says; returns the final folder."""
     pcfg = validate_predictor_config(cfg)
@@ -167,8 +189,8 @@ def train(cfg: PredictorTrainConfig) -> Path:
     run.begin()
     run.info(f"{len(dataset)} training images, {cfg.crop} px crops, QF {cfg.qf_min}..{cfg.qf_max}")
     for step in range(run.start_step, cfg.max_steps):
-        lr = common.lr_at(step, cfg)
-        common.set_lr(optimizer, lr)
+        lr = loop.lr_at(step, cfg)
+        loop.set_lr(optimizer, lr)
         total = 0.0
         for _ in range(cfg.grad_accum):
             batch = next(batches)
@@ -190,29 +212,18 @@ def train(cfg: PredictorTrainConfig) -> Path:
             run.info(f"step {done}: held-out QF MAE {result['qf_mae']:.2f} on "
                      f"{result['images']} images")
         run.maybe_save(done)
-    run.close()
-    final = Path(cfg.out) / FINAL_DIR
-    if run.acc.is_main_process:
-        extra: dict = {"training": {"stage": 1.5, "steps": cfg.max_steps, "seed": cfg.seed,
-                                    "crop": cfg.crop, "qf": [cfg.qf_min, cfg.qf_max]}}
-        if cfg.val_data:
-            extra["eval"] = evaluate(predictor, cfg.val_data, device=run.device, progress=True)
-            extra["eval"]["folder"] = str(cfg.val_data)
-            run.info(f"final held-out QF MAE on {cfg.val_data}: {extra['eval']['qf_mae']:.2f} "
-                     f"({extra['eval']['images']} whole images x {len(EVAL_QFS)} QFs)")
-        save_predictor(run.acc.unwrap_model(model), final, extra)
-        run.info(f"wrote {final}")
-    run.acc.wait_for_everyone()
-    return final
+    final_eval = partial(final_evaluation, predictor, cfg, run) if cfg.val_data else None
+    return loop.finish_run(run, lambda final, evaluation: export(
+        run.acc.unwrap_model(model), cfg, final, evaluation), final_eval)
 
 
 @version_option()
 @click.command(context_settings=CONTEXT_SETTINGS,
                help="Stage 1.5: pretrain the timestep predictor on QF regression alone "
                "(native-resolution crops) and write OUT/final for training.stage2 --predictor.")
-@common.config_options(PredictorTrainConfig)
+@config.config_options(PredictorTrainConfig)
 def main(**kwargs) -> None:
-    common.run_cli(train, PredictorTrainConfig, kwargs)
+    config.run_cli(train, PredictorTrainConfig, kwargs)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from sodiff.config import PRESETS, ModelConfig, get_preset
 from sodiff.model import SODiff, resize_for_saipe
 from sodiff.saipe import SAIPE
 
-from . import common
-from .common import FINAL_DIR, Run, TrainConfig, opt
+from . import config, loop
+from .common import Run
+from .config import TrainConfig, opt
 from .data import JPEGPairs, folder_sources, store_sources, validation_images
 from .losses import stage1_loss
 
@@ -46,7 +47,7 @@ class Stage1Config(TrainConfig):
 
 def validate_train_config(cfg: Stage1Config) -> None:
     """ValueError naming every bad or inconsistent option."""
-    p = common.validate_common(cfg)
+    p = config.validate_common(cfg)
     if cfg.preset not in PRESETS:
         p.append(f"preset={cfg.preset!r} must be one of {', '.join(PRESETS)}")
     elif not cfg.preset.startswith("tiny") and cfg.base is None:
@@ -64,7 +65,7 @@ def validate_train_config(cfg: Stage1Config) -> None:
         p.append("--no-align needs data (a folder of high-quality images)")
     if not cfg.lambda_align >= 0:
         p.append(f"lambda_align={cfg.lambda_align} must be >= 0")
-    common.raise_problems(p)
+    config.raise_problems(p)
 
 
 def build_dataset(cfg: Stage1Config, model_cfg: ModelConfig) -> JPEGPairs:
@@ -110,7 +111,7 @@ def export_model(saipe: SAIPE, cfg: Stage1Config, folder: Path) -> Path:
 def train(cfg: Stage1Config) -> Path:
     """Train SAIPE as `cfg` says; returns the final SODiff checkpoint folder."""
     validate_train_config(cfg)
-    cfg = common.with_crops(cfg, cfg.preset)
+    cfg = config.with_crops(cfg, cfg.preset)
     check_base(cfg)
     run = Run(cfg, "stage1")
     model_cfg = get_preset(cfg.preset)
@@ -127,7 +128,7 @@ def train(cfg: Stage1Config) -> Path:
     run.info(f"{len(dataset)} training crops; alignment loss "
              f"{'on (lambda %g)' % cfg.lambda_align if cfg.align else 'OFF (--no-align)'}")
     for step in range(run.start_step, cfg.max_steps):
-        common.set_lr(optimizer, common.lr_at(step, cfg))
+        loop.set_lr(optimizer, loop.lr_at(step, cfg))
         sums: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             batch = next(batches)
@@ -144,25 +145,19 @@ def train(cfg: Stage1Config) -> Path:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
         done = step + 1
-        run.log(done, {**sums, "lr": common.lr_at(step, cfg)})
+        run.log(done, {**sums, "lr": loop.lr_at(step, cfg)})
         run.maybe_validate(done, lambda lq: rec_at_input_size(saipe, lq, size), val, saipe)
         run.maybe_save(done)
-    run.close()
-    final = Path(cfg.out) / FINAL_DIR
-    if run.acc.is_main_process:
-        export_model(saipe, cfg, final)
-        run.info(f"wrote {final}")
-    run.acc.wait_for_everyone()
-    return final
+    return loop.finish_run(run, lambda final, _: export_model(saipe, cfg, final))
 
 
 @version_option()
 @click.command(context_settings=CONTEXT_SETTINGS,
                help="Stage 1: train SAIPE, the semantic-aligned image prompt extractor "
                "(paper defaults; see README 'Training').")
-@common.config_options(Stage1Config)
+@config.config_options(Stage1Config)
 def main(**kwargs) -> None:
-    common.run_cli(train, Stage1Config, kwargs)
+    config.run_cli(train, Stage1Config, kwargs)
 
 
 if __name__ == "__main__":

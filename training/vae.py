@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import click
@@ -37,8 +38,9 @@ from sodiff.config import PRESETS, ModelConfig, get_preset
 from sodiff.jpeg import compress
 from sodiff.model import pad_reflect
 
-from . import common
-from .common import FINAL_DIR, Run, TrainConfig, opt
+from . import config, loop
+from .common import Run
+from .config import TrainConfig, opt
 from .data import JPEGPairs, folder_sources, list_images, load_rgb, to_tensor, to_uint8
 from .tiny_base import VAE_FILES
 
@@ -55,7 +57,7 @@ class VAEConfig(TrainConfig):
     qf_max: int = opt(95, help="highest JPEG quality of the lq half of a batch, inclusive")
     lr: float = opt(2e-3, help="Adam learning rate")
     lr_schedule: str = opt("cosine", help="constant or cosine decay to 0 at --max-steps",
-                           choices=common.LR_SCHEDULES)
+                           choices=config.LR_SCHEDULES)
     max_steps: int = opt(4000, help="optimizer steps to train for")
     save_every: int = opt(500, help="write a train state every N steps (and at the end)")
     val_every: int = opt(500, help="validate every N steps")
@@ -70,7 +72,7 @@ class VAEConfig(TrainConfig):
 
 def validate_vae_config(cfg: VAEConfig) -> ModelConfig:
     """ValueError naming every bad option; returns the preset's model config."""
-    p = common.validate_common(cfg)
+    p = config.validate_common(cfg)
     model_cfg = None
     if cfg.preset not in PRESETS:
         p.append(f"preset={cfg.preset!r} must be one of {', '.join(PRESETS)}")
@@ -88,7 +90,7 @@ def validate_vae_config(cfg: VAEConfig) -> ModelConfig:
                  f"crops and half clean crops")
     if cfg.val_qf != UNUSED_VAL_QF:
         p.append(f"val_qf={cfg.val_qf} is not used: the VAE is validated on clean images")
-    common.raise_problems(p)
+    config.raise_problems(p)
     return model_cfg
 
 
@@ -203,6 +205,16 @@ def export(vae: nn.Module, folder: Path, evaluation: dict[str, object] | None) -
     return folder
 
 
+def final_evaluation(vae: nn.Module, cfg: VAEConfig, factor: int, run: Run) -> dict[str, object]:
+    """eval.json: the round-trip PSNR of every --val-data image, whole."""
+    evaluation = roundtrip_psnr(vae, load_clean(cfg.val_data), factor, run.device,
+                                progress=True)
+    evaluation.update(folder=str(cfg.val_data), steps=cfg.max_steps)
+    run.info(f"final round-trip PSNR on {cfg.val_data}: {evaluation['psnr']:.3f} dB "
+             f"({evaluation['images']} whole images)")
+    return evaluation
+
+
 def train(cfg: VAEConfig) -> Path:
     """Train the preset's VAE as `cfg` says; returns the final diffusers VAE folder."""
     model_cfg = validate_vae_config(cfg)
@@ -220,8 +232,8 @@ def train(cfg: VAEConfig) -> Path:
     run.info(f"{len(dataset)} training images, {model_cfg.vae_class} (factor {factor}), "
              f"{sum(p.numel() for p in vae.parameters())} parameters")
     for step in range(run.start_step, cfg.max_steps):
-        lr = common.lr_at(step, cfg)
-        common.set_lr(optimizer, lr)
+        lr = loop.lr_at(step, cfg)
+        loop.set_lr(optimizer, lr)
         total = 0.0
         for _ in range(cfg.grad_accum):
             x = autoencoder_inputs(next(batches))
@@ -243,29 +255,18 @@ def train(cfg: VAEConfig) -> Path:
             run.info(f"step {done}: round-trip PSNR {result['psnr']:.3f} dB on {len(val)} "
                      f"validation images")
         run.maybe_save(done)
-    run.close()
-    final = Path(cfg.out) / FINAL_DIR
-    if run.acc.is_main_process:
-        evaluation = None
-        if cfg.val_data:
-            evaluation = roundtrip_psnr(vae, load_clean(cfg.val_data), factor, run.device,
-                                        progress=True)
-            evaluation.update(folder=str(cfg.val_data), steps=cfg.max_steps)
-            run.info(f"final round-trip PSNR on {cfg.val_data}: {evaluation['psnr']:.3f} dB "
-                     f"({evaluation['images']} whole images)")
-        export(run.acc.unwrap_model(model), final, evaluation)
-        run.info(f"wrote {final}")
-    run.acc.wait_for_everyone()
-    return final
+    final_eval = partial(final_evaluation, vae, cfg, factor, run) if cfg.val_data else None
+    return loop.finish_run(run, lambda final, evaluation: export(
+        run.acc.unwrap_model(model), final, evaluation), final_eval)
 
 
 @version_option()
 @click.command(context_settings=CONTEXT_SETTINGS,
                help="Stage 0: train the preset's VAE (deterministic autoencoder, L1) and "
                "write a diffusers VAE folder to OUT/final.")
-@common.config_options(VAEConfig)
+@config.config_options(VAEConfig)
 def main(**kwargs) -> None:
-    common.run_cli(train, VAEConfig, kwargs)
+    config.run_cli(train, VAEConfig, kwargs)
 
 
 if __name__ == "__main__":
