@@ -15,7 +15,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The evaluation images (docs/data.md): $SODIFF_DATA, else a `shared/data` folder beside the
+# repository. The one place the benchmarks name it (tests/conftest.py is the tests' one).
+DATA_ENV = "SODIFF_DATA"
+SHARED_DATA = Path(os.environ.get(DATA_ENV) or REPO.parent / "shared" / "data")
 
 # The exported components in pipeline order (docs/engine-dir.md), then the whole pipeline.
 COMPONENTS = ("saipe", "predictor", "vae_encoder", "unet", "vae_decoder")

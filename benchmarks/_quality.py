@@ -34,7 +34,7 @@ def list_images(data_dir: Path, name: str) -> list[Path]:
     folder = Path(data_dir) / name
     if not folder.is_dir():
         raise ValueError(f"test set folder {folder} is missing (the test sets live in "
-                         f"../shared/data beside the repo; pass --data DIR)")
+                         f"the data folder of docs/data.md; pass --data DIR)")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SET_SUFFIXES)
     if not files:
         raise ValueError(f"no images in {folder}")

@@ -1,10 +1,10 @@
 """TensorRT lint on CPU: what TensorRT's ONNX parser would reject, or silently change.
 
-Rules (shared/reference/tensorrt-onnx-ops.md, encoded in `trt_ops`): every op in the accepted
-list (with version/opset for later additions), no custom domains, initializer-only inputs
-where TensorRT requires them, Resize in nearest/linear mode, no random ops, and no int64
-arithmetic that can leave int32 (TensorRT casts INT64 to INT32); Q/DQ in the form TensorRT's
-explicit quantization takes (lint_qdq.py).
+Rules (docs/architecture.md, "TensorRT's ONNX operator support"; encoded in `trt_ops`):
+every op in the accepted list (with version/opset for later additions), no custom domains,
+initializer-only inputs where TensorRT requires them, Resize in nearest/linear mode, no random
+ops, and no int64 arithmetic that can leave int32 (TensorRT casts INT64 to INT32); Q/DQ in the
+form TensorRT's explicit quantization takes (lint_qdq.py).
 
 The int64 rule propagates value ranges: constants are exact, Clip/Min/Max/Floor narrow, and
 arithmetic follows interval rules. Values derived from tensor shapes (Shape, Size, indices) are

@@ -1,4 +1,4 @@
-"""One spec per exported component: I/O names and symbolic shapes (fixed by shared/design.md),
+"""One spec per exported component: I/O names and symbolic shapes (fixed by docs/architecture.md),
 dynamic axes, concrete sample shapes, TensorRT profile shapes and the parity tolerance.
 
 Torch-free, so option validation can import it cheaply."""

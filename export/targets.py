@@ -53,9 +53,10 @@ class Target:
 
 
 # TorchScript's exporter stops at opset 20; opset 17 is the first with LayerNormalization.
-# TensorRT: the project's op facts (shared/reference/tensorrt-onnx-ops.md) cover opsets up to
-# 17 plus GroupNormalization from 18 (TensorRT 10), so `trt` accepts 17..18. 8-bit components
-# are written at opset 19 whatever --opset says: Q/DQ of float16 and float8 start there.
+# TensorRT: the project's op facts (docs/architecture.md, "TensorRT's ONNX operator support")
+# cover opsets up to 17 plus GroupNormalization from 18 (TensorRT 10), so `trt` accepts 17..18.
+# 8-bit components are written at opset 19 whatever --opset says: Q/DQ of float16 and float8
+# start there.
 TARGETS: tuple[Target, ...] = (
     Target(name="onnx", aliases=("onnxruntime", "ort"), suffix=".onnx", needs_gpu=False,
            precisions=("fp32", "fp16", "int8", "fp8"), opsets=(17, 20), options=frozenset(),

@@ -1,5 +1,6 @@
-"""TensorRT's ONNX operator support, encoded from shared/reference/tensorrt-onnx-ops.md
-(onnx-tensorrt's support matrix, TensorRT 8.5 edition, plus later additions). Data only."""
+"""TensorRT's ONNX operator support, encoded from docs/architecture.md ("TensorRT's ONNX
+operator support": onnx-tensorrt's support matrix, TensorRT 8.5 edition, plus later additions).
+Data only."""
 from __future__ import annotations
 
 # Accepted by TensorRT 8.5+.

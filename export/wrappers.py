@@ -1,4 +1,5 @@
-"""Small modules that give each exported component the I/O of shared/design.md.
+"""Small modules that give each exported component the I/O of docs/architecture.md
+("Exported components").
 
 All take and return tensors only (what torch.onnx.export traces). The UNet wrapper does Eq. 6
 inside, with SD2.1's alphas_cumprod table and its interpolation in the graph; for a baked tau

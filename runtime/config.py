@@ -8,7 +8,7 @@ MANIFEST = "manifest.json"
 FORMAT = "sodiff-engine"
 FORMAT_VERSIONS = (1,)           # engine-dir format versions this runtime reads
 
-# Component I/O names fixed by shared/design.md; `timestep` is a UNet input only when the
+# Component I/O names fixed by docs/architecture.md; `timestep` is a UNet input only when the
 # timestep is predicted (fixed/calibrated dirs bake it into the graph).
 COMPONENT_IO = {
     "saipe": (("image",), ("prompt",)),

@@ -1,19 +1,23 @@
-"""Shared fixtures: tiny models and the path to ../shared/data."""
+"""Shared fixtures: tiny models, and the test-image folder (docs/data.md)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The evaluation images (docs/data.md): $SODIFF_DATA, else a `shared/data` folder beside the
+# repository. The one place the tests name it; benchmarks/_common.py is the benchmarks' one.
+DATA_ENV = "SODIFF_DATA"
+SHARED_DATA = Path(os.environ.get(DATA_ENV) or REPO.parent / "shared" / "data")
 
 
 def shared_data(sub: str = "") -> Path:
-    """`../shared/data/<sub>`, or skip the test with the reason when it is absent."""
+    """`SHARED_DATA/<sub>`, or skip the test with the reason when it is absent."""
     path = SHARED_DATA / sub
     if not path.exists():
-        pytest.skip(f"{path} is absent (test images live in ../shared/data beside the repo)")
+        pytest.skip(f"{path} is absent (the test images: docs/data.md; set {DATA_ENV})")
     return path
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import SHARED_DATA
 from export import pipeline
 from export.cli import main
 from export.errors import ComponentExportError
@@ -26,7 +27,7 @@ from sodiff.config import TINY
 from sodiff.model import SODiff, resize_for_saipe
 from tolerance import PIPELINE, assert_close, assert_differs, excess
 
-LIVE1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "LIVE1_color"
+LIVE1 = SHARED_DATA / "LIVE1_color"
 COMPONENTS = ("saipe", "predictor", "vae_encoder", "unet", "vae_decoder")
 needs_live1 = pytest.mark.skipif(not LIVE1.is_dir(), reason=f"real images absent: {LIVE1}")
 

@@ -1,13 +1,13 @@
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SHARED_DATA
 from sodiff import jpeg, metrics
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def _img(shape, seed=0):
@@ -145,7 +145,7 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data absen
 
 @needs_data
 @pytest.mark.parametrize("folder, quality, grey, expected", [
-    # JPEG-only baselines from ../shared/data/README.md (PSNR dB, SSIM, PSNR-B dB).
+    # JPEG-only baselines of docs/data.md (PSNR dB, SSIM, PSNR-B dB).
     ("Classic5", 10, True, (27.82, 0.760, 25.21)),
     ("LIVE1_color", 10, False, (25.69, 0.743, 24.20)),
 ])

@@ -1,6 +1,8 @@
 """What a trained checkpoint does with the compression, in PyTorch, per QF on whole images.
 
-    python -m training.evaluate --checkpoint runs/s2/final --data ../shared/data/LIVE1_color
+    python -m training.evaluate --checkpoint runs/s2/final --data $D/LIVE1_color --out e.json
+
+($D: the test images' folder, docs/data.md.)
 
 Issue 13's checks of a retrained model, beside `benchmarks/quality.py` (which scores PSNR/SSIM
 through the runtime): the Spearman correlation of `tau` with QF, the QF head's MAE over a
