@@ -41,7 +41,7 @@ def _photo():
     try:
         with Image.open(shared_data("LIVE1_color") / "bikes.png") as im:
             return np.asarray(im.convert("RGB"))[:45, :61].copy()
-    except (OSError, FileNotFoundError):  # no ../shared: a smooth synthetic photo
+    except (OSError, FileNotFoundError):  # an unreadable test image: a smooth synthetic photo
         y, x = np.mgrid[:45, :61]
         return np.stack([(x * 4) % 256, (y * 5) % 256, (x + y) * 2 % 256], -1).astype(np.uint8)
 
