@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DEMO_STAMP := $(VENV)/.installed-demo
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo serve test test-all venv clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ $(STAMP): pyproject.toml
 # scikit-image's astronaut photo with the torch-free runtime, write out/demo/.
 demo: $(DEMO_STAMP)
 	$(PY) -m demo --out out/demo
+
+# The bundled model behind sodiff-serve's before/after page at http://127.0.0.1:8000/ (Ctrl-C
+# stops it); adds the `ray` extra to the demo's install when it is missing.
+serve: $(DEMO_STAMP)
+	$(PY) -c "import ray.serve, prometheus_client" 2>/dev/null || $(PY) -m pip install -q -e ".[demo,ray]"
+	$(PY) -m demo --serve
 
 # Two pytest-xdist workers, a test file each at a time (`loadfile`: a module's shared fixtures,
 # such as its Ray cluster or exported engine, stay in one process): 352 s -> 240 s on 2 cores.

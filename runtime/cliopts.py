@@ -30,6 +30,7 @@ def version_option():
 EXTRA_MODULES = {
     "export": ("torch", "diffusers", "peft", "safetensors", "onnx", "onnxruntime", "onnxscript",
                "polygraphy", "onnx_graphsurgeon"),
+    "ray": ("ray", "prometheus_client"),
 }
 
 

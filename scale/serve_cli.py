@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -19,6 +20,14 @@ from .config import (APP_NAME, DEFAULT_CPUS_PER_REPLICA, DEFAULT_DRAIN_S, DEFAUL
                      DEFAULT_TIMEOUT_S, QUEUED_BATCHES)
 
 EXIT_UNUSABLE = 2
+PREFIX_CHARS = re.compile(r"[A-Za-z0-9._~/-]*")  # what a route prefix may hold, unescaped
+
+
+def _route_prefix(ctx, param, value: str) -> str:
+    """`--route-prefix`: "/" or "/a/b" (leading slash added, trailing ones dropped)."""
+    if not PREFIX_CHARS.fullmatch(value):
+        raise click.BadParameter(f"{value!r}: use letters, digits and . _ ~ - / only")
+    return "/" + "/".join(part for part in value.split("/") if part)
 
 
 @version_option()
@@ -37,6 +46,8 @@ EXIT_UNUSABLE = 2
               help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT,
               show_default=True, help="HTTP port.")
+@click.option("--route-prefix", default="/", show_default=True, callback=_route_prefix,
+              help="Serve every route (the page too) under this path, e.g. /sodiff.")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_BYTES,
               show_default=True, help="Request body limit (413 above it).")
 @click.option("--max-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS,
@@ -48,7 +59,8 @@ EXIT_UNUSABLE = 2
 @click.option("--threads", type=click.IntRange(min=0), default=DEFAULT_THREADS,
               show_default=True, help="onnxruntime CPU threads per replica (0: it decides).")
 @click.option("--api-key", envvar="SODIFF_API_KEY", show_envvar=True,
-              help="Require 'Authorization: Bearer KEY' on every route but /healthz.")
+              help="Require 'Authorization: Bearer KEY' on every route but /healthz and "
+                   "the page's files (the page asks for the key).")
 @click.option("--max-queued", type=click.IntRange(min=1), help="Requests waiting or restoring "
               f"at once, over all replicas; above it 503 at once (default: {QUEUED_BATCHES} "
               f"batches per replica).")
@@ -60,13 +72,14 @@ EXIT_UNUSABLE = 2
                                       "flight have this long to finish.")
 @restore_options
 def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, port,
-         max_bytes, max_pixels, quality, address, threads, api_key, max_queued, timeout_s,
-         drain_s, backend, device, tile, overlap, tile_batch, timestep, no_verify,
+         route_prefix, max_bytes, max_pixels, quality, address, threads, api_key, max_queued,
+         timeout_s, drain_s, backend, device, tile, overlap, tile_batch, timestep, no_verify,
          no_keep_colour, no_jpeg_constraint, no_gate):
     """Serve restoration over HTTP: POST an image to /restore[?format=png|jpg|webp], get the
     restored image back (tau, QF and timings in X-SODiff-* and Server-Timing headers).
-    GET /healthz reports liveness, GET /metrics Prometheus metrics. Ctrl-C (or SIGTERM)
-    drains it: requests in flight finish, new ones get 503; a second signal stops at once."""
+    GET / is a before/after page to try it in a browser, GET /healthz reports liveness,
+    GET /metrics Prometheus metrics. Ctrl-C (or SIGTERM) drains it: requests in flight
+    finish, new ones get 503; a second signal stops at once."""
     from runtime.config import RestoreOptions
     from runtime.errors import EngineDirError
 
@@ -111,9 +124,11 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
         opts = ServeOptions(max_batch=max_batch, max_bytes=max_bytes, max_pixels=max_pixels,
                             quality=quality, api_key=api_key or None, door=name, queued=queued,
                             timeout_s=timeout_s)
-        _start(engine, restore, replicas, cpus_per_replica, gpus_per_replica, host, port, opts)
-        say(f"sodiff-serve: http://{host}:{port}  (POST /restore, GET /healthz, GET /metrics); "
-            f"Ctrl-C stops it")
+        _start(engine, restore, replicas, cpus_per_replica, gpus_per_replica, host, port,
+               route_prefix, opts)
+        base = f"http://{f'[{host}]' if ':' in host else host}:{port}{route_prefix.rstrip('/')}"
+        say(f"sodiff-serve: {base}/  (the before/after page; POST {base}/restore, "
+            f"GET /healthz, GET /metrics); Ctrl-C stops it")
         stop.wait()
         left = drain(door, drain_s, hurry.is_set, say)
         say("sodiff-serve: stopping" + (f" with {left} request(s) unfinished" if left else ""))
@@ -127,7 +142,7 @@ def main(engine, replicas, cpus_per_replica, gpus_per_replica, max_batch, host, 
     say("sodiff-serve: stopped")
 
 
-def _start(engine, restore, replicas, cpus, gpus, host, port, opts) -> None:
+def _start(engine, restore, replicas, cpus, gpus, host, port, prefix, opts) -> None:
     from ray import serve
 
     from .cluster import ClusterError
@@ -136,7 +151,7 @@ def _start(engine, restore, replicas, cpus, gpus, host, port, opts) -> None:
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(str(engine), restore, opts, replicas, cpus, gpus),
-                  name=APP_NAME, route_prefix="/", blocking=False)
+                  name=APP_NAME, route_prefix=prefix, blocking=False)
     except Exception as e:  # noqa: BLE001 - Serve reports a replica that cannot start so
         raise ClusterError(f"the service did not start: {_reason(e)}") from None
 

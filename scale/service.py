@@ -1,12 +1,14 @@
 """`sodiff-serve`'s Ray Serve application: POST /restore (an image in, the restored image out,
-tau, QF and timings in headers), GET /healthz. This ingress owns the HTTP side (routes, the
-API key, the drain door and its bounds, the timeout) and sends each body to the restore
-replicas (scale/replica.py); a request whose replica dies is sent once more, to another, and
-gets our 503 when none is left, never Ray's 500.
+tau, QF and timings in headers), GET /healthz, GET /metrics and the before/after page at
+GET / (page.py, static/), each below the route prefix (--route-prefix). This ingress owns the
+HTTP side (routes, the API key, the drain door and its bounds, the timeout) and sends each
+body to the restore replicas (scale/replica.py); a request whose replica dies is sent once
+more, to another, and gets our 503 when none is left, never Ray's 500.
 
 Bad input is a 400 (not an image) or 413 (body or pixel count over the limits) whose body is
 the runtime's one-line message; nothing reaches the client as a traceback. With an API key,
-every route but /healthz wants `Authorization: Bearer KEY` (401 without it).
+every route but /healthz and the page's files wants `Authorization: Bearer KEY` (401 without
+it).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from starlette.responses import Response
 
 from .config import REPLICA_RETRIES, RETRY_AFTER_S
 from .job import first_line
+from .page import FILES, load_page
 from .protocol import FORMAT_ALIASES, RequestError, ServeOptions
 
 # What a handle call raises when its replica died or cannot be reached.
@@ -30,7 +33,11 @@ REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErr
 
 log = logging.getLogger("ray.serve")
 ROUTES = {"/healthz": ("GET", "_health"), "/restore": ("POST", "_restore"),
-          "/metrics": ("GET", "_metrics")}  # path: (method, handler)
+          "/metrics": ("GET", "_metrics"), **{route: ("GET", "_page") for route in FILES}}
+OPEN = {"/healthz", *FILES}  # routes without the key: liveness, and the page (no data in it)
+PAGE_METRIC = "/"  # the page's files count under one route label
+
+
 class RestoreService:
     """The ingress: HTTP routes, the key, the door (drain, bounds, timeout) and one retry when
     a restore replica dies; the restoring is `replica`'s (scale/replica.py)."""
@@ -43,6 +50,7 @@ class RestoreService:
         self.replica, self.opts = replica, opts
         self.door = find_door(opts.door)
         self.metrics = ServeMetrics()
+        self.page = load_page()
 
     async def __call__(self, request: Request) -> Response:
         start = time.perf_counter()
@@ -54,25 +62,30 @@ class RestoreService:
             log.exception("sodiff-serve: internal error")
             response = _text(500, f"internal error ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else 'no detail'})")
-        path = request.url.path.rstrip("/") or "/"
-        self.metrics.observe(path if path in ROUTES else "other", response.status_code,
-                             time.perf_counter() - start, response.headers)
+        path = route_path(request)
+        label = PAGE_METRIC if path in FILES else path if path in ROUTES else "other"
+        self.metrics.observe(label, response.status_code, time.perf_counter() - start,
+                             response.headers)
         return response
 
     async def _route(self, request: Request) -> Response:
-        path = request.url.path.rstrip("/") or "/"
-        if path != "/healthz" and not authorized(request, self.opts.api_key):
+        path = route_path(request)
+        if not request.url.path.endswith("/") and path == "/" and request.scope.get(
+                "root_path"):  # /prefix: the page's relative URLs need /prefix/
+            return Response(status_code=308, headers={
+                "Location": request.url.path.rsplit("/", 1)[-1] + "/"})
+        if path not in OPEN and not authorized(request, self.opts.api_key):
             raise RequestError(401, "missing or wrong API key: send the header 'Authorization: "
                                     "Bearer KEY' with sodiff-serve's --api-key",
                                {"WWW-Authenticate": "Bearer"})
         if path not in ROUTES:
-            raise RequestError(404, f"no route {path}; use POST /restore, GET /healthz or "
-                                    f"GET /metrics")
+            raise RequestError(404, f"no route {path}; use GET / (the page), POST /restore, "
+                                    f"GET /healthz or GET /metrics")
         method, name = ROUTES[path]
         handler = getattr(self, name)
         if request.method != method:
             raise RequestError(405, f"{path} takes {method}, not {request.method}")
-        if self.door is None or path == "/metrics":
+        if self.door is None or path == "/metrics" or path in FILES:  # no replica's work
             return await handler(request)
         if path == "/healthz":  # a load balancer stops sending here while it drains
             if not await self.door.is_open.remote():
@@ -98,6 +111,10 @@ class RestoreService:
         inflight = None if self.door is None else (await self.door.state.remote())[0]
         data, media = self.metrics.text(inflight)
         return Response(data, headers={"Content-Type": media})
+
+    async def _page(self, request: Request) -> Response:
+        data, headers = self.page[route_path(request)]
+        return Response(data, headers=headers)
 
     async def _health(self, request: Request) -> Response:
         try:
@@ -138,6 +155,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     if not size:
         raise RequestError(400, "empty request body; POST the image file as the body")
     return b"".join(chunks)
+
+
+def route_path(request: Request) -> str:
+    """The request's path below the route prefix (Serve keeps the prefix in the path and
+    puts it in root_path too), without a trailing slash; "/" for the prefix itself."""
+    path, root = request.url.path, request.scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        path = path[len(root):]
+    return path.rstrip("/") or "/"
 
 
 def _format(value: str) -> str:

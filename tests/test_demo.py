@@ -125,3 +125,58 @@ def test_foreign_engine_folder_is_refused_and_kept(tmp_path):
     assert result.exit_code == 1 and "not from sodiff-export" in result.output
     assert [p.name for p in engine.iterdir()] == ["notes.txt"]
     assert not (tmp_path / "o").exists()
+
+
+def test_import_demo_never_imports_ray():
+    """Ray stays the `ray` extra's: only `sodiff-demo --serve` loads it, when it starts."""
+    import subprocess
+    import sys
+    code = ("import sys, demo, demo.cli, demo.serve\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'ray')\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_serve_exports_then_runs_sodiff_serve_on_loopback(tmp_path, monkeypatch):
+    """--serve: the demo's export, then sodiff-serve (in this process) on 127.0.0.1."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+    from demo import serve as demo_serve
+    from scale import serve_cli
+
+    calls = []
+    monkeypatch.setattr(demo_serve, "export_engine", lambda opts, log: calls.append(opts))
+    monkeypatch.setattr(serve_cli.main, "main", lambda args, prog_name: calls.append(args))
+    helped = CliRunner().invoke(main, ["-h"])
+    assert "--serve" in helped.output and "--port" in helped.output
+    result = CliRunner().invoke(main, ["--serve", "--engine", str(tmp_path / "e"), "--port",
+                                       "8123", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert calls[0].engine == tmp_path / "e"
+    assert calls[1] == ["--engine", str(tmp_path / "e"), "--host", "127.0.0.1", "--port",
+                        "8123", "--threads", "1", "--replicas", "1"]
+    assert "http://127.0.0.1:8123/" in result.output
+
+
+@needs_bundled
+@pytest.mark.slow
+def test_serve_starts_the_bundled_model_behind_the_page(tmp_path):
+    """The real `sodiff-demo --serve`: its page at GET /, a restore, a clean Ctrl-C."""
+    import io
+    import signal
+    import urllib.request
+
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+    from fixtures.serve_proc import post, start_server
+
+    url, proc, log = start_server(tmp_path / "engine", tmp_path, "--serve", module="demo",
+                                  env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        with urllib.request.urlopen(url + "/", timeout=30) as r:
+            assert r.status == 200 and b"page.js" in r.read()
+        buf = io.BytesIO()
+        Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buf, "JPEG", quality=10)
+        assert post(url, buf.getvalue())[0] == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
+    assert f"sodiff-serve: {url}/" in log.read_text()

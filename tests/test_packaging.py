@@ -92,6 +92,24 @@ def test_wheel_ships_the_bundled_checkpoint_byte_for_byte(installed):
             assert _sha(packaged / f.name) == _sha(f), f.name
 
 
+def test_wheel_ships_the_serve_page(installed):
+    """sodiff-serve's page (scale/static/, package data) is in the wheel, byte for byte, and
+    the installed scale.page reads it from there."""
+    from scale.page import FILES
+    names = sorted(name for name, _ in FILES.values())
+    assert sorted(p.name for p in (REPO / "scale" / "static").iterdir()) == names
+    for name in names:
+        packaged = installed["site"] / "scale" / "static" / name
+        assert _sha(packaged) == _sha(REPO / "scale" / "static" / name), name
+    probe = ("import scale.page as p; print(p.__file__); "
+             "print(sum(len(b) for b, _ in p.load_page().values()))")
+    out = _run([str(installed["python"]), "-c", probe], installed["work"], installed["env"])
+    assert out.returncode == 0, out.stderr
+    module, size = out.stdout.split()
+    assert Path(module).is_relative_to(installed["site"])
+    assert int(size) == sum((REPO / "scale" / "static" / n).stat().st_size for n in names)
+
+
 def test_installed_copy_is_used_outside_the_checkout(installed):
     probe = ("import sodiff, export, demo, runtime; from sodiff.bundled import checkpoint_dir; "
              "print(sodiff.__file__); print(checkpoint_dir())")

@@ -4,10 +4,7 @@ oversized bodies refused with one line, a clean shutdown."""
 import io
 import os
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,21 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fixtures import serve_proc
 from fixtures.runtime_engines import tiny_engine
 from fixtures.scale_photos import make_photos, sodiff_run
+from fixtures.serve_proc import free_port, stop_server
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 200_000      # the server's body limit in these tests
-START_S = 180            # a cold local cluster plus one replica, on 2 busy cores
 API_KEY = "k3y-for-tests"  # the module server runs with it (SODIFF_API_KEY)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,42 +44,10 @@ def reference(engine, photos, tmp_path_factory):
 
 
 def start_server(engine, folder: Path, *args: str):
-    """(base URL, process, stderr path) of a sodiff-serve started with `args`, once it
-    answers /healthz."""
-    port = free_port()
-    log = folder / "stderr.txt"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scale.serve_cli", "--engine", str(engine), "--port",
-             str(port), "--max-bytes", str(MAX_BYTES), *args],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "SODIFF_API_KEY": API_KEY},
-            stdout=subprocess.DEVNULL,
-            stderr=err, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("sodiff-serve did not come up: " + log.read_text()[-3000:])
-    return url, proc, log
-
-
-def stop_server(proc) -> None:
-    """SIGTERM (a drain, then its own cleanup); SIGKILL to its group if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    """(base URL, process, stderr path) of a sodiff-serve with these tests' body limit and
+    key, started with `args`, once it answers /healthz."""
+    return serve_proc.start_server(engine, folder, "--max-bytes", str(MAX_BYTES), *args,
+                                   env={"SODIFF_API_KEY": API_KEY})
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +64,7 @@ def server(engine, tmp_path_factory):
 def post(url: str, body: bytes, query: str = "", key: str | None = None
          ) -> tuple[int, object, bytes]:
     """POST /restore with the module server's key (or `key`; "" sends none)."""
-    key = API_KEY if key is None else key
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    req = urllib.request.Request(url + "/restore" + query, data=body, method="POST",
-                                 headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.headers, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read()
+    return serve_proc.post(url, body, query, API_KEY if key is None else key)
 
 
 def test_every_route_but_healthz_wants_the_api_key(server, photos):
@@ -125,6 +76,18 @@ def test_every_route_but_healthz_wants_the_api_key(server, photos):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)  # no route list for a client without a key
     assert e.value.code == 401
+
+
+def test_the_page_needs_no_key_and_comes_with_its_csp(server):
+    """GET / at the root prefix (tests/test_scale_page.py has the browser, under a prefix)."""
+    from scale.page import CSP
+    with urllib.request.urlopen(server[0] + "/", timeout=10) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert r.headers["Content-Security-Policy"] == CSP
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert b'<script src="page.js"' in r.read()
+    with urllib.request.urlopen(server[0] + "/page.js", timeout=10) as r:
+        assert r.headers["Content-Type"] == "text/javascript; charset=utf-8"
 
 
 def test_an_open_service_on_every_interface_is_warned_about(tmp_path, monkeypatch):
