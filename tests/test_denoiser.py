@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from sodiff.base import build_vae
@@ -18,6 +17,7 @@ from sodiff.schedule import alphas_cumprod
 from training import denoiser
 from training.denoiser import DenoiserConfig
 from tolerance import NETWORK, assert_differs
+from fixtures.noise_images import noise_pngs
 
 CROP = 16
 
@@ -35,12 +35,7 @@ def vae_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(
-            folder / f"{i}.png")
-    return folder
+    return noise_pngs(tmp_path_factory.mktemp("data"), 3, (24, 20))
 
 
 def config(out, data, vae_dir, **kw):

@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from fixtures.noise_images import noise_pngs
 from fixtures.runtime_engines import identity_engine
 from runtime.cli import EXIT_INTERRUPTED, main
 
@@ -28,12 +28,8 @@ def engine(tmp_path_factory):
 
 
 def _folder(root: Path, n: int) -> Path:
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-            root / f"{i:04d}.png")
-    return root
+    root.mkdir()  # a new folder: an existing one is a test's mistake
+    return noise_pngs(root, n, (32, 32), "{i:04d}.png")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

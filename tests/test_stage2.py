@@ -23,6 +23,7 @@ from training.dists import DISTS
 from training.losses import Stage2Weights
 from training.stage2 import Stage2Config
 from tolerance import NETWORK, assert_close
+from fixtures.noise_images import noise_pngs
 
 REPO = Path(__file__).resolve().parents[1]
 CROP = 16
@@ -367,11 +368,7 @@ def test_view_crop_gives_prompt_and_timestep_the_whole_view(tmp_path, images, lo
     # Issue 13: on small crops the stage-1.5 predictor's QF estimate is off by ~14, so the UNet
     # trained at other timesteps than whole images get. With --view-crop the predictor and
     # SAIPE see the larger compressed crop; the UNet and the losses see a --crop patch of it.
-    folder = tmp_path / "big"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    folder = noise_pngs(tmp_path / "big", 2, (40, 48))
     cfg = config(tmp_path, unaligned_init(tmp_path), folder, view_crop=32)
     item = stage2.training_pairs(cfg)[(0, 0, 0)]
     assert item["view"].shape == (3, 32, 32) and item["lq"].shape == (3, CROP, CROP)

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sodiff import checkpoint
 from sodiff.base import build_vae
@@ -19,6 +17,7 @@ from sodiff.model import SODiff
 from training import denoiser, loop, predictor, stage1, stage2, vae
 from training.common import FINAL_DIR, Run
 from training.config import TrainConfig
+from fixtures.noise_images import noise_pngs
 
 CROP = 16
 PREDICTOR_CROP = 32  # the predictor's smallest crop (its real minimum is patched down to it)
@@ -30,12 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(
-            folder / f"{i}.png")
-    return folder
+    return noise_pngs(tmp_path_factory.mktemp("data"), 3, (48, 48))
 
 
 @pytest.fixture(scope="module")

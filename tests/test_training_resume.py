@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from safetensors.torch import load_file
 
 from sodiff import checkpoint
@@ -20,6 +18,7 @@ from training import common, stage1, stage2
 from training.config import EXIT_DIVERGED, Diverged
 from training.stage1 import Stage1Config
 from training.stage2 import Stage2Config
+from fixtures.noise_images import noise_pngs
 
 CROP = 16
 
@@ -30,12 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Three images larger than the crop: random crops, random QFs, epochs of 3 items."""
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
-            folder / f"{i}.png")
-    return folder
+    return noise_pngs(tmp_path_factory.mktemp("data"), 3, (20, 24))
 
 
 @pytest.fixture(scope="module")
