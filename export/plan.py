@@ -52,8 +52,7 @@ class ExportPlan:
     @property
     def mode_components(self) -> tuple[str, ...]:
         """Every component this timestep mode uses (the predictor only when tau is predicted)."""
-        return tuple(c for c in COMPONENTS if self.timestep_mode == "predicted" or
-                     c != "predictor")
+        return _mode_components(self.timestep_mode)
 
     @property
     def quantized(self) -> dict[str, str]:
@@ -150,6 +149,10 @@ def _check_components(opts: ExportOptions, mode: str, problems: list[str]) -> tu
         problems.append("--components is empty")
     if opts.components is not None:
         return tuple(c for c in COMPONENTS if c in opts.components)
+    return _mode_components(mode)
+
+
+def _mode_components(mode: str) -> tuple[str, ...]:
     return tuple(c for c in COMPONENTS if mode == "predicted" or c != "predictor")
 
 
