@@ -125,7 +125,7 @@ def run_export(opts: ExportOptions, log: Log = _stderr) -> Path:
     todo = [n for n in build.names if n not in entries]
     if any(n in build.quantized for n in todo):
         from .quality import check_whole
-        check_whole(set(build.names) | set(entries), timestep["mode"], out)
+        check_whole(set(build.names) | set(entries), plan.mode_components, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / mf.MANIFEST).unlink(missing_ok=True)  # from here on, the folder is unfinished
     work = out / f".raw-quant-{os.getpid()}"  # 8-bit components' float32/float16 twins

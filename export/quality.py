@@ -14,7 +14,6 @@ import numpy as np
 
 from . import manifest as mf
 from .errors import ExportError
-from .specs import COMPONENTS
 
 QUALITY_QFS = (10, 40)
 # The most PSNR (dB) a quantized component may lose against float32, worse of the two QFs.
@@ -115,11 +114,10 @@ def refusals(results: dict[str, dict], precisions: dict[str, str]) -> list[str]:
             if not r["passed"]]
 
 
-def check_whole(present: set[str], mode: str, out: Path) -> None:
+def check_whole(present: set[str], needed: tuple[str, ...], out: Path) -> None:
     """Refuse, before any work, 8-bit components whose dir will lack the rest of the pipeline
-    (the quality check restores images through all of it)."""
-    missing = [c for c in COMPONENTS if c not in present and (mode == "predicted"
-                                                              or c != "predictor")]
+    (`needed`: the quality check restores images through all of it)."""
+    missing = [c for c in needed if c not in present]
     if missing:
         raise ExportError(f"8-bit components are judged on restored images, which needs the "
                           f"whole pipeline in {out}: {', '.join(missing)} missing; export them "
